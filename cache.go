@@ -1,0 +1,69 @@
+package apikey
+
+import (
+	"encoding/binary"
+	"time"
+
+	"github.com/dgraph-io/ristretto/v2"
+)
+
+// keyCache remembers recent lookups by key digest, found (positive) and
+// not found (negative), so that a repeated key costs one cache read.
+//
+// Invariants:
+//   - It is keyed by the first 8 bytes of the SHA-256 digest, never by a
+//     key; every entry holds the whole digest and a hit is only a hit when
+//     all 32 bytes match.
+//   - Each entry records the generation of the key set it was looked up in;
+//     an entry from another generation is a miss. Replacing the key set thus
+//     purges the cache at once, with no window in which a removed key is
+//     still found.
+//   - It is a cache, never the truth: ristretto may drop a Set or evict any
+//     entry, and the caller then reads the key set again.
+//   - Each entry costs 1 against MaxCost (internal cost ignored), so size
+//     is the number of entries it keeps.
+type keyCache struct {
+	c      *ristretto.Cache[uint64, *cacheEntry]
+	ttl    time.Duration
+	negTTL time.Duration
+}
+
+type cacheEntry struct {
+	digest [32]byte
+	gen    uint64
+	rec    *keyRecord // nil for a key that is not in the set
+}
+
+func newKeyCache(size int64, ttl, negTTL time.Duration) (*keyCache, error) {
+	c, err := ristretto.NewCache(&ristretto.Config[uint64, *cacheEntry]{
+		NumCounters:        size * 10,
+		MaxCost:            size,
+		BufferItems:        64,
+		IgnoreInternalCost: true,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &keyCache{c: c, ttl: ttl, negTTL: negTTL}, nil
+}
+
+// get returns the cached lookup of digest in the set of generation gen: the
+// record (nil if the key is known not to exist) and whether there was one.
+func (kc *keyCache) get(digest *[32]byte, gen uint64) (*keyRecord, bool) {
+	e, ok := kc.c.Get(binary.LittleEndian.Uint64(digest[:8]))
+	if !ok || e.gen != gen || e.digest != *digest {
+		return nil, false
+	}
+	return e.rec, true
+}
+
+// put remembers the lookup of digest in the set of generation gen.
+func (kc *keyCache) put(digest *[32]byte, gen uint64, rec *keyRecord) {
+	ttl := kc.ttl
+	if rec == nil {
+		ttl = kc.negTTL
+	}
+	kc.c.SetWithTTL(binary.LittleEndian.Uint64(digest[:8]), &cacheEntry{digest: *digest, gen: gen, rec: rec}, 1, ttl)
+}
+
+func (kc *keyCache) close() { kc.c.Close() }

@@ -1,0 +1,488 @@
+package apikey
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/maphash"
+	"io"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/keystile/caddy-apikey/internal/ratelimit"
+)
+
+// keyRecord is one API key as the handler knows it. It holds the key's
+// SHA-256 digest, never the key. Everything the request path needs per key
+// (the boxed id, the placeholder provider) is made once when the record is
+// loaded, so a request for a known key allocates nothing for it.
+type keyRecord struct {
+	id       string
+	name     string
+	owner    string
+	digest   [32]byte
+	metadata map[string]string
+
+	// limitMode says where the key's rate limit comes from; limit and
+	// policy are set when it is limitOwn, burst when the key overrides
+	// only the burst of the handler's rate.
+	limitMode limitMode
+	limit     ratelimit.Limit
+	policy    string
+	burst     int64
+
+	// idHash picks the limiter shard; idAny is id boxed once for the
+	// replacer and the vars; provider answers this key's placeholders.
+	idHash   uint64
+	idAny    any
+	provider caddy.ReplacerFunc
+}
+
+type limitMode uint8
+
+const (
+	limitInherit limitMode = iota // the handler's rate, if any
+	limitOwn                      // the key's own rate
+	limitOff                      // exempt from any rate
+)
+
+var idSeed = maphash.MakeSeed()
+
+// newKeyRecord finishes a record whose fields are set: it makes what the
+// request path needs for it.
+func newKeyRecord(rec *keyRecord) *keyRecord {
+	rec.idHash = maphash.String(idSeed, rec.id)
+	rec.idAny = rec.id
+	rec.provider = rec.replace
+	return rec
+}
+
+// replace answers the placeholders of a request made with this key.
+func (rec *keyRecord) replace(key string) (any, bool) {
+	name, ok := strings.CutPrefix(key, "http.api_key.")
+	if !ok {
+		if key == "http.auth.user.id" {
+			return rec.idAny, true
+		}
+		return nil, false
+	}
+	switch name {
+	case "id":
+		return rec.idAny, true
+	case "name":
+		return rec.name, true
+	case "owner":
+		return rec.owner, true
+	case "outcome":
+		return outcomeOK, true
+	}
+	if field, ok := strings.CutPrefix(name, "metadata."); ok {
+		// Like a missing request header, a field the key lacks is empty.
+		return rec.metadata[field], true
+	}
+	return nil, false
+}
+
+// keySet is an immutable set of keys, looked up by digest. A new set gets a
+// new generation, which is how cached lookups from an older set are told
+// apart and ignored.
+type keySet struct {
+	byDigest map[[32]byte]*keyRecord
+	gen      uint64
+}
+
+var setGeneration atomic.Uint64
+
+func newKeySet(n int) *keySet {
+	return &keySet{byDigest: make(map[[32]byte]*keyRecord, n), gen: setGeneration.Add(1)}
+}
+
+// keyFileEntry is one entry of a keys file as it is written.
+type keyFileEntry struct {
+	ID       string            `json:"id"`
+	Hash     string            `json:"hash"`
+	Name     string            `json:"name,omitempty"`
+	Owner    string            `json:"owner,omitempty"`
+	Rate     string            `json:"rate,omitempty"`
+	Burst    int64             `json:"burst,omitempty"`
+	Metadata map[string]string `json:"metadata,omitempty"`
+}
+
+// parseKeysFile reads a keys file: {"keys": [entry, ...]}. It streams the
+// entries so that a large file is not held twice, and it names the entry and
+// the problem in any error (never a key: files hold only hashes).
+func parseKeysFile(data []byte) (*keySet, error) {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	syntaxErr := func(err error) error {
+		var se *json.SyntaxError
+		var ute *json.UnmarshalTypeError
+		switch {
+		case errors.As(err, &se):
+			line, col := lineCol(data, se.Offset)
+			return fmt.Errorf("invalid JSON at line %d, column %d: %v", line, col, se)
+		case errors.As(err, &ute):
+			line, col := lineCol(data, ute.Offset)
+			return fmt.Errorf("line %d, column %d: %s must be a %s, not a JSON %s", line, col, fieldName(ute), ute.Type, ute.Value)
+		case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+			return errors.New("unexpected end of file (truncated JSON?)")
+		}
+		return err
+	}
+	expectDelim := func(want json.Delim, what string) error {
+		tok, err := dec.Token()
+		if err != nil {
+			return syntaxErr(err)
+		}
+		if d, ok := tok.(json.Delim); !ok || d != want {
+			return fmt.Errorf("expected %s, found %v", what, tok)
+		}
+		return nil
+	}
+
+	if len(bytes.TrimSpace(data)) == 0 {
+		return nil, errors.New(`file is empty; want {"keys": [...]}`)
+	}
+	if err := expectDelim('{', `a JSON object {"keys": [...]}`); err != nil {
+		return nil, err
+	}
+	var set *keySet
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return nil, syntaxErr(err)
+		}
+		if tok != "keys" {
+			return nil, fmt.Errorf(`unknown top-level field %q; want {"keys": [...]}`, tok)
+		}
+		if set != nil {
+			return nil, errors.New(`"keys" appears twice`)
+		}
+		if err := expectDelim('[', `an array after "keys"`); err != nil {
+			return nil, err
+		}
+		set = newKeySet(0)
+		byID := make(map[string]int)
+		for i := 0; dec.More(); i++ {
+			var e keyFileEntry
+			if err := dec.Decode(&e); err != nil {
+				return nil, fmt.Errorf("keys[%d]: %w", i, syntaxErr(err))
+			}
+			rec, err := e.record()
+			if err != nil {
+				return nil, fmt.Errorf("keys[%d]%s: %w", i, idLabel(e.ID), err)
+			}
+			if j, dup := byID[rec.id]; dup {
+				return nil, fmt.Errorf("keys[%d]%s: duplicate id (also keys[%d])", i, idLabel(e.ID), j)
+			}
+			if other, dup := set.byDigest[rec.digest]; dup {
+				return nil, fmt.Errorf("keys[%d]%s: duplicate hash (same as keys[%d], id %q)", i, idLabel(e.ID), byID[other.id], other.id)
+			}
+			byID[rec.id] = i
+			set.byDigest[rec.digest] = rec
+		}
+		if err := expectDelim(']', `"]" closing "keys"`); err != nil {
+			return nil, err
+		}
+	}
+	if err := expectDelim('}', `"}" closing the file`); err != nil {
+		return nil, err
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, errors.New("unexpected data after the closing }")
+	}
+	if set == nil {
+		return nil, errors.New(`no "keys" array; want {"keys": [...]}`)
+	}
+	return set, nil
+}
+
+func idLabel(id string) string {
+	if id == "" {
+		return ""
+	}
+	return fmt.Sprintf(" (id %q)", id)
+}
+
+func fieldName(ute *json.UnmarshalTypeError) string {
+	if ute.Field == "" {
+		return "value"
+	}
+	return fmt.Sprintf("%q", ute.Field)
+}
+
+func lineCol(data []byte, offset int64) (line, col int) {
+	if offset > int64(len(data)) {
+		offset = int64(len(data))
+	}
+	before := data[:offset]
+	line = bytes.Count(before, []byte{'\n'}) + 1
+	col = int(offset) - (bytes.LastIndexByte(before, '\n') + 1)
+	return line, col
+}
+
+// record checks one entry and turns it into a keyRecord.
+func (e keyFileEntry) record() (*keyRecord, error) {
+	if err := checkID(e.ID); err != nil {
+		return nil, err
+	}
+	if e.Hash == "" {
+		return nil, errors.New(`missing "hash" (sha256:<64 hex digits>)`)
+	}
+	digest, err := parseDigest(e.Hash)
+	if err != nil {
+		return nil, err
+	}
+	rec := &keyRecord{id: e.ID, name: e.Name, owner: e.Owner, digest: digest}
+	for k := range e.Metadata {
+		if !validMetadataName(k) {
+			return nil, fmt.Errorf("metadata field %q: use letters, digits, '_', '-' and '.' only", k)
+		}
+	}
+	if len(e.Metadata) > 0 {
+		rec.metadata = e.Metadata
+	}
+	switch e.Rate {
+	case "":
+		if e.Burst != 0 {
+			if err := ratelimit.ValidateBurst(e.Burst); err != nil {
+				return nil, fmt.Errorf(`"burst": %w`, err)
+			}
+			rec.burst = e.Burst
+		}
+	case "off":
+		if e.Burst != 0 {
+			return nil, errors.New(`"burst" makes no sense with "rate": "off"`)
+		}
+		rec.limitMode = limitOff
+	default:
+		lim, err := ratelimit.ParseRate(e.Rate)
+		if err != nil {
+			return nil, fmt.Errorf(`"rate": %w`, err)
+		}
+		if e.Burst != 0 {
+			if err := ratelimit.ValidateBurst(e.Burst); err != nil {
+				return nil, fmt.Errorf(`"burst": %w`, err)
+			}
+			lim.Burst = e.Burst
+		}
+		rec.limitMode = limitOwn
+		rec.limit = lim
+		rec.policy = policyValue("key", lim)
+	}
+	return newKeyRecord(rec), nil
+}
+
+// checkID accepts ids that are safe to print in logs, headers and metric
+// labels: 1 to 128 visible ASCII characters other than quotes and backslash.
+func checkID(id string) error {
+	if id == "" {
+		return errors.New(`missing "id"`)
+	}
+	if len(id) > 128 {
+		return errors.New(`"id" is longer than 128 characters`)
+	}
+	for i := 0; i < len(id); i++ {
+		if c := id[i]; c <= ' ' || c >= 0x7f || c == '"' || c == '\\' {
+			return fmt.Errorf(`"id" %q: use visible ASCII characters other than quotes and backslash`, id)
+		}
+	}
+	return nil
+}
+
+func validMetadataName(s string) bool {
+	if s == "" {
+		return false
+	}
+	for _, c := range s {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '-' || c == '.') {
+			return false
+		}
+	}
+	return true
+}
+
+const digestPrefix = "sha256:"
+
+// parseDigest reads "sha256:<64 hex digits>". Its errors quote nothing of
+// the value past the prefix, in case someone pasted a key there.
+func parseDigest(s string) ([32]byte, error) {
+	var d [32]byte
+	hexPart, ok := strings.CutPrefix(s, digestPrefix)
+	if !ok {
+		return d, errors.New(`"hash" must start with "sha256:"`)
+	}
+	if len(hexPart) != 64 {
+		return d, fmt.Errorf(`"hash" must be "sha256:" and 64 hex digits, not %d characters`, len(hexPart))
+	}
+	if _, err := hex.Decode(d[:], []byte(hexPart)); err != nil {
+		return d, errors.New(`"hash" has a character that is not a hex digit`)
+	}
+	return d, nil
+}
+
+// isDigest reports whether s has the form of a digest rather than a key.
+func isDigest(s string) bool {
+	_, err := parseDigest(s)
+	return err == nil
+}
+
+// hashKey returns the "sha256:<hex>" form of a plaintext key.
+func hashKey(key string) string {
+	sum := sha256.Sum256([]byte(key))
+	return digestPrefix + hex.EncodeToString(sum[:])
+}
+
+// keysFilePollInterval is how often a keys file is checked for changes.
+// The documented bound from write to effect is 5 s; one poll plus a read
+// stays well within it.
+var keysFilePollInterval = time.Second
+
+// keysFile is a watched keys file, shared through a caddy.UsagePool by
+// every handler that names it, so that its keys and its watcher outlive
+// config reloads and a large file is parsed once.
+type keysFile struct {
+	path   string
+	logger *zap.Logger
+	set    atomic.Pointer[keySet]
+
+	stamp   fileStamp
+	sum     [32]byte
+	stop    chan struct{}
+	stopped sync.WaitGroup
+}
+
+// fileStamp tells whether a file may have changed without reading it.
+type fileStamp struct {
+	mod   time.Time
+	size  int64
+	inode uint64
+}
+
+func statFile(path string) (fileStamp, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fileStamp{}, err
+	}
+	st := fileStamp{mod: fi.ModTime(), size: fi.Size()}
+	if sys, ok := fi.Sys().(*syscall.Stat_t); ok {
+		st.inode = sys.Ino
+	}
+	return st, nil
+}
+
+// loadKeysFile reads and parses path once; the error names the file.
+func loadKeysFile(path string) (*keySet, fileStamp, [32]byte, error) {
+	stamp, err := statFile(path)
+	if err != nil {
+		return nil, stamp, [32]byte{}, fmt.Errorf("loading keys file %s: %w", path, err)
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, stamp, [32]byte{}, fmt.Errorf("loading keys file %s: %w", path, err)
+	}
+	set, err := parseKeysFile(data)
+	if err != nil {
+		return nil, stamp, [32]byte{}, fmt.Errorf("loading keys file %s: %w", path, err)
+	}
+	return set, stamp, sha256.Sum256(data), nil
+}
+
+func openKeysFile(path string, logger *zap.Logger) (*keysFile, error) {
+	set, stamp, sum, err := loadKeysFile(path)
+	if err != nil {
+		return nil, err
+	}
+	kf := &keysFile{path: path, logger: logger, stamp: stamp, sum: sum, stop: make(chan struct{})}
+	kf.set.Store(set)
+	logger.Info("keys file loaded", zap.String("file", path), zap.Int("keys", len(set.byDigest)))
+	kf.stopped.Add(1)
+	go kf.watch()
+	return kf, nil
+}
+
+func (kf *keysFile) watch() {
+	defer kf.stopped.Done()
+	t := time.NewTicker(keysFilePollInterval)
+	defer t.Stop()
+	var lastErr string
+	for {
+		select {
+		case <-kf.stop:
+			return
+		case <-t.C:
+		}
+		if err := kf.check(); err != nil {
+			// Log each distinct problem once, not on every poll.
+			if msg := err.Error(); msg != lastErr {
+				lastErr = msg
+				kf.logger.Error("keys file not reloaded; the previous keys stay in use",
+					zap.String("file", kf.path), zap.Error(err))
+			}
+		} else {
+			lastErr = ""
+		}
+	}
+}
+
+// check reloads the file if it changed. A file that is missing or broken
+// leaves the current keys in place and returns the reason.
+func (kf *keysFile) check() error {
+	stamp, err := statFile(kf.path)
+	if err != nil {
+		return fmt.Errorf("keys file %s: %w", kf.path, err)
+	}
+	if stamp == kf.stamp {
+		return nil
+	}
+	set, stamp, sum, err := loadKeysFile(kf.path)
+	if err != nil {
+		return err
+	}
+	kf.stamp = stamp
+	if sum == kf.sum {
+		return nil
+	}
+	kf.sum = sum
+	old := kf.set.Swap(set)
+	added, removed := diffSets(old, set)
+	if c := kf.logger.Check(zapcore.InfoLevel, "keys file reloaded"); c != nil {
+		c.Write(zap.String("file", kf.path), zap.Int("keys", len(set.byDigest)),
+			zap.Int("added", added), zap.Int("removed", removed))
+	}
+	return nil
+}
+
+func diffSets(old, cur *keySet) (added, removed int) {
+	for d := range cur.byDigest {
+		if _, ok := old.byDigest[d]; !ok {
+			added++
+		}
+	}
+	for d := range old.byDigest {
+		if _, ok := cur.byDigest[d]; !ok {
+			removed++
+		}
+	}
+	return added, removed
+}
+
+// Destruct stops the watcher once no handler uses the file any more.
+func (kf *keysFile) Destruct() error {
+	close(kf.stop)
+	kf.stopped.Wait()
+	return nil
+}
+
+var _ caddy.Destructor = (*keysFile)(nil)

@@ -1,0 +1,426 @@
+package apikey
+
+import (
+	"errors"
+	"fmt"
+	"net/textproto"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+
+	"github.com/keystile/caddy-apikey/internal/ratelimit"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+}
+
+// Handler requires an API key on every request it handles. It finds the key
+// in the request (an Authorization: Bearer header, another header, a query
+// parameter or a cookie), looks its SHA-256 digest up among the configured
+// keys, applies the key's rate limit, and names the key in placeholders and
+// in the access log. A request without a known key gets 401, one over its
+// key's rate limit 429; both go through Caddy's error handling, so
+// handle_errors can shape them.
+//
+// Placeholders set for handlers that come after it, and for handle_errors:
+//
+// Placeholder | Description
+// ------------|-------------
+// `{http.api_key.id}` | The id of the key (not the key itself).
+// `{http.api_key.name}` | The key's name.
+// `{http.api_key.owner}` | The key's owner.
+// `{http.api_key.metadata.*}` | A field of the key's metadata.
+// `{http.api_key.outcome}` | ok, missing, invalid or rate_limited.
+// `{http.auth.user.id}` | The id of the key, as Caddy's auth handlers set it; the access log prints it as user_id.
+//
+// API keys identify the calling project or application. They are not user
+// identity and not secure authorization.
+type Handler struct {
+	// From lists where to look for the key, in order. Each source is one of
+	// "bearer" (Authorization: Bearer <key>), "header" (a request header),
+	// "query" (a query parameter) or "cookie" (a cookie); all but bearer
+	// need a name. A request that carries two different keys is rejected.
+	// Default: bearer, then the X-API-Key header.
+	From []KeySource `json:"from,omitempty"`
+
+	// KeysFile is the path of a JSON keys file: {"keys": [{"id": ...,
+	// "hash": "sha256:<hex>", ...}]}. It is checked for changes every
+	// second and reloaded when valid; an invalid file keeps the previous
+	// keys in use. Placeholders such as {env.KEYS_FILE} are expanded.
+	KeysFile string `json:"keys_file,omitempty"`
+
+	// Keys are keys given in the config. At least one of KeysFile and Keys
+	// is required.
+	Keys []InlineKey `json:"keys,omitempty"`
+
+	// Rate is the rate limit of every key that has none of its own, as
+	// "<count>/<duration>", for example "600/1m". Default: no limit.
+	Rate string `json:"rate,omitempty"`
+
+	// Burst is how many requests a key may make at once under Rate.
+	// Default: the count of Rate.
+	Burst int64 `json:"burst,omitempty"`
+
+	// Cache configures the cache of key lookups.
+	Cache *CacheConfig `json:"cache,omitempty"`
+
+	// Realm is the realm named in the WWW-Authenticate challenge of a 401
+	// response. Default: api.
+	Realm string `json:"realm,omitempty"`
+
+	// PassKey keeps the key in the request handed to the next handler (for
+	// example a backend behind reverse_proxy that reads it too). By
+	// default the key is removed: the header, the query parameter or the
+	// cookie it came in. Default: false.
+	PassKey bool `json:"pass_key,omitempty"`
+
+	sources         []source
+	inline          map[[32]byte]*keyRecord
+	keysFile        *keysFile
+	keysFileKey     string
+	cache           *keyCache
+	limiter         *limiter
+	limiterLoaded   bool
+	defaultLimit    ratelimit.Limit
+	defaultPolicy   string
+	challengeHeader string
+	challengeMiss   string
+	challengeBad    string
+	logger          *zap.Logger
+}
+
+// KeySource is one place a key may be found in a request.
+type KeySource struct {
+	// Source is "bearer", "header", "query" or "cookie".
+	Source string `json:"source"`
+
+	// Name is the header, query parameter or cookie name. Not used with
+	// bearer.
+	Name string `json:"name,omitempty"`
+}
+
+// InlineKey is one key given in the config.
+type InlineKey struct {
+	// ID names the key in logs and placeholders.
+	ID string `json:"id"`
+
+	// Key is the key's SHA-256 digest as "sha256:<64 hex digits>", or the
+	// key itself, usually as a placeholder such as {env.CI_KEY}: it is
+	// expanded and hashed at provision and not kept. The Caddyfile adapter
+	// hashes a literal key, so that it never reaches the JSON config.
+	Key string `json:"key"`
+}
+
+// CacheConfig sizes the cache of key lookups.
+type CacheConfig struct {
+	// Size is the most lookups kept, found and not found together.
+	// Default: 100000.
+	Size int64 `json:"size,omitempty"`
+
+	// TTL is how long a found key is cached. Default: 5m.
+	TTL caddy.Duration `json:"ttl,omitempty"`
+
+	// NegativeTTL is how long a key that was not found is cached.
+	// Default: 30s.
+	NegativeTTL caddy.Duration `json:"negative_ttl,omitempty"`
+}
+
+// Defaults.
+const (
+	defaultCacheSize   = 100000
+	defaultCacheTTL    = 5 * time.Minute
+	defaultNegativeTTL = 30 * time.Second
+	defaultRealm       = "api"
+)
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.api_key",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision sets up the handler: it compiles the key sources, loads the
+// keys, and joins the shared limiter.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	repl := caddy.NewReplacer()
+
+	sources := h.From
+	if len(sources) == 0 {
+		sources = []KeySource{{Source: "bearer"}, {Source: "header", Name: "X-API-Key"}}
+	}
+	h.sources = h.sources[:0]
+	for _, s := range sources {
+		src, err := compileSource(s)
+		if err != nil {
+			return err
+		}
+		h.sources = append(h.sources, src)
+	}
+	h.warnLoggedSources()
+
+	h.inline = make(map[[32]byte]*keyRecord, len(h.Keys))
+	ids := make(map[string]bool, len(h.Keys))
+	for i, k := range h.Keys {
+		if err := checkID(k.ID); err != nil {
+			return fmt.Errorf("keys[%d]: %w", i, err)
+		}
+		if ids[k.ID] {
+			return fmt.Errorf("keys[%d] (id %q): duplicate id", i, k.ID)
+		}
+		ids[k.ID] = true
+		digest, err := inlineDigest(repl, k)
+		if err != nil {
+			return fmt.Errorf("keys[%d] (id %q): %w", i, k.ID, err)
+		}
+		if other, dup := h.inline[digest]; dup {
+			return fmt.Errorf("keys[%d] (id %q): same key as id %q", i, k.ID, other.id)
+		}
+		h.inline[digest] = newKeyRecord(&keyRecord{id: k.ID, digest: digest})
+	}
+
+	if h.Rate != "" {
+		lim, err := ratelimit.ParseRate(h.Rate)
+		if err != nil {
+			return err
+		}
+		if h.Burst != 0 {
+			lim.Burst = h.Burst
+		}
+		h.defaultLimit = lim
+		h.defaultPolicy = policyValue("default", lim)
+	}
+
+	cc := CacheConfig{Size: defaultCacheSize, TTL: caddy.Duration(defaultCacheTTL), NegativeTTL: caddy.Duration(defaultNegativeTTL)}
+	if h.Cache != nil {
+		if h.Cache.Size != 0 {
+			cc.Size = h.Cache.Size
+		}
+		if h.Cache.TTL != 0 {
+			cc.TTL = h.Cache.TTL
+		}
+		if h.Cache.NegativeTTL != 0 {
+			cc.NegativeTTL = h.Cache.NegativeTTL
+		}
+	}
+	if cc.Size < 1 || cc.TTL < 0 || cc.NegativeTTL < 0 {
+		return errors.New("cache: size, ttl and negative_ttl must be positive")
+	}
+	cache, err := newKeyCache(cc.Size, time.Duration(cc.TTL), time.Duration(cc.NegativeTTL))
+	if err != nil {
+		return fmt.Errorf("creating key cache: %w", err)
+	}
+	h.cache = cache
+
+	realm := h.Realm
+	if realm == "" {
+		realm = defaultRealm
+	}
+	scheme := "ApiKey"
+	for _, s := range h.sources {
+		if s.kind == sourceBearer {
+			scheme = "Bearer"
+			break
+		}
+	}
+	h.challengeMiss = scheme + ` realm="` + realm + `"`
+	h.challengeBad = h.challengeMiss
+	if scheme == "Bearer" {
+		// RFC 6750, section 3.1: a token that was sent but is not valid.
+		h.challengeBad += `, error="invalid_token"`
+	}
+
+	val, _, err := limiterPool.LoadOrNew(limiterPoolKey, func() (caddy.Destructor, error) {
+		l := newLimiter(monotonicClock())
+		l.startSweeper(limiterSweepInterval)
+		return l, nil
+	})
+	if err != nil {
+		return err
+	}
+	h.limiter = val.(*limiter)
+	h.limiterLoaded = true
+
+	if h.KeysFile != "" {
+		path := repl.ReplaceKnown(h.KeysFile, "")
+		if path == "" {
+			return fmt.Errorf("keys_file %q expands to an empty path", h.KeysFile)
+		}
+		abs, err := filepath.Abs(path)
+		if err != nil {
+			return fmt.Errorf("keys_file %s: %w", path, err)
+		}
+		poolKey := "api_key.keys_file:" + abs
+		val, loaded, err := keysFilePool.LoadOrNew(poolKey, func() (caddy.Destructor, error) {
+			return openKeysFile(abs, h.logger)
+		})
+		if err != nil {
+			return err
+		}
+		h.keysFileKey = poolKey
+		h.keysFile = val.(*keysFile)
+		if loaded {
+			// A reload of the config is a good moment to look at the file.
+			if err := h.keysFile.check(); err != nil {
+				h.logger.Error("keys file not reloaded; the previous keys stay in use", zap.Error(err))
+			}
+		}
+	}
+	return nil
+}
+
+// inlineDigest returns the digest of an inline key, expanding placeholders
+// and hashing a plaintext key. Its errors never quote the key.
+func inlineDigest(repl *caddy.Replacer, k InlineKey) ([32]byte, error) {
+	if isDigest(k.Key) {
+		return parseDigest(k.Key)
+	}
+	if strings.HasPrefix(k.Key, digestPrefix) {
+		_, err := parseDigest(k.Key)
+		return [32]byte{}, err
+	}
+	key := repl.ReplaceKnown(k.Key, "")
+	if key == "" {
+		if strings.Contains(k.Key, "{") {
+			return [32]byte{}, fmt.Errorf("key %s is empty (is the variable set?)", k.Key)
+		}
+		return [32]byte{}, errors.New("key is empty")
+	}
+	if !validKey(key) {
+		return [32]byte{}, fmt.Errorf("key must be 1 to %d visible ASCII characters", maxKeyLen)
+	}
+	return parseDigest(hashKey(key))
+}
+
+// warnLoggedSources warns, once per config load, about key sources that
+// Caddy's access log records as sent.
+func (h *Handler) warnLoggedSources() {
+	for _, s := range h.sources {
+		var hint string
+		switch s.kind {
+		case sourceHeader:
+			if s.name == "Authorization" || s.name == "Proxy-Authorization" {
+				continue
+			}
+			hint = "log { format filter { request>headers>" + s.name + " delete } }"
+		case sourceQuery:
+			hint = "log { format filter { request>uri query { delete " + s.name + " } } }"
+		case sourceCookie:
+			hint = "log { format filter { request>headers>Cookie cookie { delete " + s.name + " } } }"
+		default:
+			continue
+		}
+		h.logger.Warn("API keys sent this way appear in access logs unless a log filter removes them",
+			zap.String("source", s.String()), zap.String("filter", hint))
+	}
+}
+
+// Validate checks the configuration.
+func (h *Handler) Validate() error {
+	if h.KeysFile == "" && len(h.Keys) == 0 {
+		return errors.New("no keys: set keys_file or key")
+	}
+	if h.Burst != 0 {
+		if h.Rate == "" {
+			return errors.New("burst needs a rate")
+		}
+		if err := ratelimit.ValidateBurst(h.Burst); err != nil {
+			return err
+		}
+	}
+	return checkRealm(h.Realm)
+}
+
+// checkRealm accepts realms that need no escaping in a quoted string.
+func checkRealm(realm string) error {
+	if strings.ContainsAny(realm, "\"\\") || strings.ContainsFunc(realm, func(r rune) bool { return r < ' ' || r >= 0x7f }) {
+		return fmt.Errorf("realm %q: use printable ASCII characters other than quotes and backslash", realm)
+	}
+	return nil
+}
+
+// Cleanup releases the shared keys file and limiter, and the cache. It
+// copes with a Provision that stopped half way.
+func (h *Handler) Cleanup() error {
+	if h.cache != nil {
+		h.cache.close()
+	}
+	var errs []error
+	if h.keysFileKey != "" {
+		if _, err := keysFilePool.Delete(h.keysFileKey); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if h.limiterLoaded {
+		if _, err := limiterPool.Delete(limiterPoolKey); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// The state that outlives config reloads.
+var (
+	limiterPool  = caddy.NewUsagePool()
+	keysFilePool = caddy.NewUsagePool()
+)
+
+func compileSource(s KeySource) (source, error) {
+	switch s.Source {
+	case "bearer":
+		if s.Name != "" {
+			return source{}, fmt.Errorf("from bearer takes no name, got %q", s.Name)
+		}
+		return source{kind: sourceBearer, name: "Authorization"}, nil
+	case "header":
+		if s.Name == "" || !validToken(s.Name) {
+			return source{}, fmt.Errorf("from header: invalid header name %q", s.Name)
+		}
+		name := textproto.CanonicalMIMEHeaderKey(s.Name)
+		if name == "Cookie" {
+			return source{}, errors.New("from header: use from cookie <name> for a cookie")
+		}
+		return source{kind: sourceHeader, name: name}, nil
+	case "query":
+		if s.Name == "" {
+			return source{}, errors.New("from query: missing parameter name")
+		}
+		return source{kind: sourceQuery, name: s.Name}, nil
+	case "cookie":
+		if s.Name == "" || !validToken(s.Name) {
+			return source{}, fmt.Errorf("from cookie: invalid cookie name %q", s.Name)
+		}
+		return source{kind: sourceCookie, name: s.Name}, nil
+	}
+	return source{}, fmt.Errorf("unknown key source %q: want bearer, header, query or cookie", s.Source)
+}
+
+// validToken reports whether s is an RFC 9110 token, as header and cookie
+// names must be.
+func validToken(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c <= ' ' || c >= 0x7f || strings.IndexByte(`"(),/:;<=>?@[\]{}`, c) >= 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+)
