@@ -210,6 +210,9 @@ func outcomeProvider(outcome string) caddy.ReplacerFunc {
 		if key == "http.api_key.outcome" {
 			return boxed, true
 		}
+		if strings.HasPrefix(key, "http.api_key.") {
+			return "", true
+		}
 		return nil, false
 	}
 }

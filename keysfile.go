@@ -126,17 +126,23 @@ func parseKeysFile(data []byte) (*keySet, error) {
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
 	syntaxErr := func(err error) error {
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return errors.New("unexpected end of file (truncated JSON?)")
+		}
+		// The streaming decoder's offsets do not count from the start
+		// of the file; decoding the whole file again finds the place.
 		var se *json.SyntaxError
 		var ute *json.UnmarshalTypeError
+		whole := json.Unmarshal(data, &struct {
+			Keys []keyFileEntry `json:"keys"`
+		}{})
 		switch {
-		case errors.As(err, &se):
+		case errors.As(whole, &se):
 			line, col := lineCol(data, se.Offset)
 			return fmt.Errorf("invalid JSON at line %d, column %d: %v", line, col, se)
-		case errors.As(err, &ute):
+		case errors.As(whole, &ute):
 			line, col := lineCol(data, ute.Offset)
 			return fmt.Errorf("line %d, column %d: %s must be a %s, not a JSON %s", line, col, fieldName(ute), ute.Type, ute.Value)
-		case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
-			return errors.New("unexpected end of file (truncated JSON?)")
 		}
 		return err
 	}
@@ -216,10 +222,11 @@ func idLabel(id string) string {
 }
 
 func fieldName(ute *json.UnmarshalTypeError) string {
-	if ute.Field == "" {
+	field := strings.TrimPrefix(ute.Field, "keys.")
+	if field == "" || field == "keys" {
 		return "value"
 	}
-	return fmt.Sprintf("%q", ute.Field)
+	return fmt.Sprintf("%q", field)
 }
 
 func lineCol(data []byte, offset int64) (line, col int) {
@@ -354,7 +361,7 @@ var keysFilePollInterval = time.Second
 // config reloads and a large file is parsed once.
 type keysFile struct {
 	path   string
-	logger *zap.Logger
+	logger atomic.Pointer[zap.Logger] // the newest config's
 	set    atomic.Pointer[keySet]
 
 	stamp   fileStamp
@@ -404,7 +411,8 @@ func openKeysFile(path string, logger *zap.Logger) (*keysFile, error) {
 	if err != nil {
 		return nil, err
 	}
-	kf := &keysFile{path: path, logger: logger, stamp: stamp, sum: sum, stop: make(chan struct{})}
+	kf := &keysFile{path: path, stamp: stamp, sum: sum, stop: make(chan struct{})}
+	kf.logger.Store(logger)
 	kf.set.Store(set)
 	logger.Info("keys file loaded", zap.String("file", path), zap.Int("keys", len(set.byDigest)))
 	kf.stopped.Add(1)
@@ -427,7 +435,7 @@ func (kf *keysFile) watch() {
 			// Log each distinct problem once, not on every poll.
 			if msg := err.Error(); msg != lastErr {
 				lastErr = msg
-				kf.logger.Error("keys file not reloaded; the previous keys stay in use",
+				kf.logger.Load().Error("keys file not reloaded; the previous keys stay in use",
 					zap.String("file", kf.path), zap.Error(err))
 			}
 		} else {
@@ -457,7 +465,7 @@ func (kf *keysFile) check() error {
 	kf.sum = sum
 	old := kf.set.Swap(set)
 	added, removed := diffSets(old, set)
-	if c := kf.logger.Check(zapcore.InfoLevel, "keys file reloaded"); c != nil {
+	if c := kf.logger.Load().Check(zapcore.InfoLevel, "keys file reloaded"); c != nil {
 		c.Write(zap.String("file", kf.path), zap.Int("keys", len(set.byDigest)),
 			zap.Int("added", added), zap.Int("removed", removed))
 	}

@@ -267,6 +267,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.keysFileKey = poolKey
 		h.keysFile = val.(*keysFile)
 		if loaded {
+			// The watcher logs to the newest config's logs.
+			h.keysFile.logger.Store(h.logger)
 			// A reload of the config is a good moment to look at the file.
 			if err := h.keysFile.check(); err != nil {
 				h.logger.Error("keys file not reloaded; the previous keys stay in use", zap.Error(err))

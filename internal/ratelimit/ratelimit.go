@@ -55,8 +55,8 @@ func ParseRate(s string) (Limit, error) {
 	if err != nil || count <= 0 || count > MaxCount {
 		return Limit{}, fmt.Errorf("rate %q: count must be a whole number from 1 to %d", s, MaxCount)
 	}
-	if durStr != "" && (durStr[0] < '0' || durStr[0] > '9') {
-		durStr = "1" + durStr
+	if durStr != "" && (durStr[0] >= 'a' && durStr[0] <= 'z') {
+		durStr = "1" + durStr // "10/s" is ten a second
 	}
 	period, err := parseDuration(durStr)
 	if err != nil {

@@ -1,0 +1,156 @@
+package apikey
+
+import (
+	"net/http"
+	"strconv"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+// benchRequest is a request prepared once as Caddy's server prepares it
+// (see prepare), plus what reset needs to hand it over again as new.
+type benchRequest struct {
+	prepared
+	header   http.Header
+	replTmpl caddy.Replacer
+}
+
+func newBenchRequest(target string, header http.Header) *benchRequest {
+	br := &benchRequest{prepared: prepare(target, header), header: header}
+	br.replTmpl = *br.repl
+	return br
+}
+
+// reset makes the request as the server hands a new one to the first
+// handler: the replacer back to the server's providers, a fresh
+// ExtraLogFields (so Caddy's own cost of a first Set is counted on every
+// iteration, as on every real request), the key headers back in place.
+// It allocates nothing, so the allocations reported are the handler's and
+// Caddy's ExtraLogFields', per request.
+func (br *benchRequest) reset() {
+	*br.repl = br.replTmpl
+	*br.extra = caddyhttp.ExtraLogFields{}
+	for k, v := range br.header {
+		br.r.Header[k] = v
+	}
+}
+
+var nopNext = caddyhttp.HandlerFunc(func(http.ResponseWriter, *http.Request) error { return nil })
+
+// runServeHTTP times h.ServeHTTP over the requests, round robin.
+func runServeHTTP(b *testing.B, h *Handler, reqs []*benchRequest, wantErr bool) {
+	b.Helper()
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		br := reqs[i%len(reqs)]
+		br.reset()
+		if err := h.ServeHTTP(br.w, br.r, nopNext); (err != nil) != wantErr {
+			b.Fatalf("ServeHTTP: %v", err)
+		}
+	}
+}
+
+func benchRequests(n int, header func(i int) http.Header) []*benchRequest {
+	reqs := make([]*benchRequest, n)
+	for i := range reqs {
+		reqs[i] = newBenchRequest("/", header(i))
+		// Caddy's server sets this before any handler runs.
+		reqs[i].w.hdr.Set("Server", "Caddy")
+	}
+	return reqs
+}
+
+// BenchmarkServeHTTP is the hot path: a valid key from the cache, with a
+// rate limit that never runs out, and without one.
+func BenchmarkServeHTTP(b *testing.B) {
+	for _, tc := range []struct {
+		name string
+		rate string
+		hdr  http.Header
+	}{
+		{"bearer/rate", "1000000000/1s", http.Header{"Authorization": {"Bearer " + testKeyA}}},
+		{"header/rate", "1000000000/1s", http.Header{"X-Api-Key": {testKeyA}}},
+		{"header/norate", "", http.Header{"X-Api-Key": {testKeyA}}},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			h := newTestHandler(b, &Handler{Keys: []InlineKey{{ID: "alpha", Key: testKeyA}}, Rate: tc.rate})
+			runServeHTTP(b, h, benchRequests(1, func(int) http.Header { return tc.hdr }), false)
+		})
+	}
+}
+
+// BenchmarkResetOnly is the cost of reset alone, which every figure above
+// includes.
+func BenchmarkResetOnly(b *testing.B) {
+	reqs := benchRequests(1, func(int) http.Header { return http.Header{"X-Api-Key": {testKeyA}} })
+	b.ReportAllocs()
+	for b.Loop() {
+		reqs[0].reset()
+	}
+}
+
+// BenchmarkServeHTTPParallel is the hot path from all cores at once, with
+// one key (one limiter state: the worst contention) and with 1000.
+func BenchmarkServeHTTPParallel(b *testing.B) {
+	for _, keys := range []int{1, 1000} {
+		b.Run(strconv.Itoa(keys)+"keys", func(b *testing.B) {
+			h := &Handler{Rate: "1000000000/1s"}
+			for i := range keys {
+				h.Keys = append(h.Keys, InlineKey{ID: "k" + strconv.Itoa(i), Key: testKeyA + strconv.Itoa(i)})
+			}
+			newTestHandler(b, h)
+			b.ReportAllocs()
+			b.RunParallel(func(pb *testing.PB) {
+				// Each goroutine has its own requests.
+				reqs := benchRequests(keys, func(i int) http.Header {
+					return http.Header{"X-Api-Key": {testKeyA + strconv.Itoa(i)}}
+				})
+				for i := 0; pb.Next(); i++ {
+					br := reqs[i%keys]
+					br.reset()
+					if err := h.ServeHTTP(br.w, br.r, nopNext); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+		})
+	}
+}
+
+// BenchmarkServeHTTPInvalid is a flood of unknown keys, each seen before
+// (negative cache hits), and of malformed ones (no lookup at all). Most of
+// its cost is Caddy's: caddyhttp.Error makes an error id and a trace.
+func BenchmarkServeHTTPInvalid(b *testing.B) {
+	h := newTestHandler(b, &Handler{Keys: []InlineKey{{ID: "alpha", Key: testKeyA}}, Rate: "1000000000/1s"})
+	b.Run("unknown", func(b *testing.B) {
+		runServeHTTP(b, h, benchRequests(100, func(i int) http.Header {
+			return http.Header{"X-Api-Key": {"unknown-key-" + strconv.Itoa(i)}}
+		}), true)
+	})
+	b.Run("malformed", func(b *testing.B) {
+		runServeHTTP(b, h, benchRequests(1, func(int) http.Header {
+			return http.Header{"X-Api-Key": {"bad\x01key"}}
+		}), true)
+	})
+}
+
+// BenchmarkServeHTTPMiss is a valid key looked up in the key set every
+// time: the cache never keeps anything (its TTL is negative).
+func BenchmarkServeHTTPMiss(b *testing.B) {
+	h := newTestHandler(b, &Handler{Keys: []InlineKey{{ID: "alpha", Key: testKeyA}}})
+	h.cache.ttl = -1
+	runServeHTTP(b, h, benchRequests(1, func(int) http.Header { return http.Header{"X-Api-Key": {testKeyA}} }), false)
+}
+
+// BenchmarkLimiterDecide is one limiter decision alone.
+func BenchmarkLimiterDecide(b *testing.B) {
+	l := newLimiter(monotonicClock())
+	h := newTestHandler(b, &Handler{Keys: []InlineKey{{ID: "alpha", Key: testKeyA}}, Rate: "1000000000/1s"})
+	b.ReportAllocs()
+	for b.Loop() {
+		l.decide("alpha", 42, h.defaultLimit)
+	}
+}

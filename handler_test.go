@@ -1,0 +1,555 @@
+package apikey
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"reflect"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+	"unsafe"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/keystile/caddy-apikey/internal/ratelimit"
+)
+
+// Keys used by the tests in this file, with their ids.
+const (
+	testKeyA = "test_key_alpha_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKL" // 64 bytes
+	testKeyB = "test_key_bravo"
+)
+
+// newTestHandler provisions h as Caddy would and cleans it up after the
+// test. It returns the handler and the context's cancel.
+func newTestHandler(t testing.TB, h *Handler) *Handler {
+	t.Helper()
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	if err := h.Provision(ctx); err != nil {
+		cancel()
+		t.Fatalf("Provision: %v", err)
+	}
+	if err := h.Validate(); err != nil {
+		cancel()
+		t.Fatalf("Validate: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := h.Cleanup(); err != nil {
+			t.Errorf("Cleanup: %v", err)
+		}
+		cancel()
+	})
+	return h
+}
+
+// prepared is a request made ready as Caddy's server makes it before the
+// first handler runs: a replacer with the HTTP placeholders, vars and
+// ExtraLogFields in the context.
+type prepared struct {
+	r     *http.Request
+	w     *testWriter
+	repl  *caddy.Replacer
+	extra *caddyhttp.ExtraLogFields
+}
+
+type testWriter struct {
+	hdr    http.Header
+	status int
+}
+
+func (w *testWriter) Header() http.Header         { return w.hdr }
+func (w *testWriter) Write(b []byte) (int, error) { return len(b), nil }
+func (w *testWriter) WriteHeader(status int)      { w.status = status }
+
+var testServer = &caddyhttp.Server{}
+
+func prepare(target string, header http.Header) prepared {
+	r := httptest.NewRequest(http.MethodGet, target, nil)
+	for k, v := range header {
+		r.Header[k] = v
+	}
+	w := &testWriter{hdr: make(http.Header)}
+	repl := caddy.NewReplacer()
+	r = caddyhttp.PrepareRequest(r, repl, w, testServer)
+	extra := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields)
+	return prepared{r: r, w: w, repl: repl, extra: extra}
+}
+
+// nextRecorder is the next handler; it counts calls and keeps the last
+// request it saw.
+type nextRecorder struct {
+	calls atomic.Int64
+	mu    sync.Mutex
+	last  *http.Request
+}
+
+func (n *nextRecorder) ServeHTTP(w http.ResponseWriter, r *http.Request) error {
+	n.calls.Add(1)
+	n.mu.Lock()
+	n.last = r
+	n.mu.Unlock()
+	return nil
+}
+
+func hashOf(key string) string {
+	sum := sha256.Sum256([]byte(key))
+	return fmt.Sprintf("sha256:%x", sum)
+}
+
+// logFieldOf returns the api_key log field the handler set, encoded as
+// the access log would print it; nil when there is none.
+func logFieldOf(t *testing.T, p prepared) map[string]any {
+	t.Helper()
+	for _, f := range extraFields(p.extra) {
+		if f.Key == "api_key" {
+			m := zapcore.NewMapObjectEncoder()
+			f.AddTo(m)
+			obj, _ := m.Fields["api_key"].(map[string]any)
+			return obj
+		}
+	}
+	return nil
+}
+
+// extraFields reads the fields of an ExtraLogFields, which Caddy keeps
+// unexported (its server reads them when it writes the access log).
+func extraFields(e *caddyhttp.ExtraLogFields) []zapcore.Field {
+	v := reflect.ValueOf(e).Elem().FieldByName("fields")
+	return *(*[]zapcore.Field)(unsafe.Pointer(v.UnsafeAddr()))
+}
+
+func errorsAs(err error, target *caddyhttp.HandlerError) bool {
+	return errors.As(err, target)
+}
+
+func TestServeHTTPOutcomes(t *testing.T) {
+	h := newTestHandler(t, &Handler{
+		Keys: []InlineKey{{ID: "alpha", Key: hashOf(testKeyA)}, {ID: "bravo", Key: testKeyB}},
+	})
+	tests := []struct {
+		name        string
+		header      http.Header
+		wantStatus  int
+		wantOutcome string
+		wantID      string
+		wantChall   string
+	}{
+		{"bearer", http.Header{"Authorization": {"Bearer " + testKeyA}}, 0, "ok", "alpha", ""},
+		{"bearer lowercase scheme", http.Header{"Authorization": {"bearer " + testKeyB}}, 0, "ok", "bravo", ""},
+		{"header", http.Header{"X-Api-Key": {testKeyB}}, 0, "ok", "bravo", ""},
+		{"same key twice", http.Header{"Authorization": {"Bearer " + testKeyA}, "X-Api-Key": {testKeyA}}, 0, "ok", "alpha", ""},
+		{"missing", nil, 401, "missing", "", `Bearer realm="api"`},
+		{"basic is not a key", http.Header{"Authorization": {"Basic dXNlcjpwYXNz"}}, 401, "missing", "", `Bearer realm="api"`},
+		{"unknown", http.Header{"X-Api-Key": {"nope"}}, 401, "invalid", "", `Bearer realm="api", error="invalid_token"`},
+		{"two keys", http.Header{"Authorization": {"Bearer " + testKeyA}, "X-Api-Key": {testKeyB}}, 401, "invalid", "", `Bearer realm="api", error="invalid_token"`},
+		{"two header values", http.Header{"X-Api-Key": {testKeyA, testKeyB}}, 401, "invalid", "", `Bearer realm="api", error="invalid_token"`},
+		{"empty bearer", http.Header{"Authorization": {"Bearer "}}, 401, "invalid", "", `Bearer realm="api", error="invalid_token"`},
+		{"too long", http.Header{"X-Api-Key": {strings.Repeat("k", 513)}}, 401, "invalid", "", `Bearer realm="api", error="invalid_token"`},
+		{"control byte", http.Header{"X-Api-Key": {"abc\x01def"}}, 401, "invalid", "", `Bearer realm="api", error="invalid_token"`},
+		{"non-ASCII", http.Header{"X-Api-Key": {"ключ"}}, 401, "invalid", "", `Bearer realm="api", error="invalid_token"`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var next nextRecorder
+			p := prepare("/", tt.header)
+			err := h.ServeHTTP(p.w, p.r, &next)
+			if tt.wantStatus == 0 {
+				if err != nil {
+					t.Fatalf("ServeHTTP: %v", err)
+				}
+				if next.calls.Load() != 1 {
+					t.Fatalf("next called %d times, want 1", next.calls.Load())
+				}
+			} else {
+				var he caddyhttp.HandlerError
+				if !errorsAs(err, &he) || he.StatusCode != tt.wantStatus {
+					t.Fatalf("err = %v, want HandlerError %d", err, tt.wantStatus)
+				}
+				if next.calls.Load() != 0 {
+					t.Fatalf("next called on a rejected request")
+				}
+				if got := p.w.hdr.Get("WWW-Authenticate"); got != tt.wantChall {
+					t.Errorf("WWW-Authenticate = %q, want %q", got, tt.wantChall)
+				}
+			}
+			if got, _ := p.repl.GetString("http.api_key.outcome"); got != tt.wantOutcome {
+				t.Errorf("outcome placeholder = %q, want %q", got, tt.wantOutcome)
+			}
+			if got, _ := p.repl.GetString("http.auth.user.id"); got != tt.wantID {
+				t.Errorf("http.auth.user.id = %q, want %q", got, tt.wantID)
+			}
+			if tt.wantID != "" {
+				if got := caddyhttp.GetVar(p.r.Context(), "http.auth.user.id"); got != tt.wantID {
+					t.Errorf("var http.auth.user.id = %v, want %q", got, tt.wantID)
+				}
+			}
+			f := logFieldOf(t, p)
+			if f["outcome"] != tt.wantOutcome {
+				t.Errorf("log field outcome = %v, want %q", f["outcome"], tt.wantOutcome)
+			}
+			if id, _ := f["id"].(string); id != tt.wantID {
+				t.Errorf("log field id = %q, want %q", id, tt.wantID)
+			}
+		})
+	}
+}
+
+// fakeClock is a clock the tests move by hand.
+type fakeClock struct{ ns atomic.Int64 }
+
+func (c *fakeClock) now() int64              { return c.ns.Load() }
+func (c *fakeClock) advance(d time.Duration) { c.ns.Add(int64(d)) }
+
+func TestServeHTTPRateLimit(t *testing.T) {
+	h := newTestHandler(t, &Handler{
+		Keys: []InlineKey{{ID: "alpha", Key: testKeyA}},
+		Rate: "3/1m",
+	})
+	clock := &fakeClock{}
+	clock.advance(time.Hour)
+	h.limiter = newLimiter(clock.now)
+	hdr := http.Header{"X-Api-Key": {testKeyA}}
+
+	type step struct {
+		advance    time.Duration
+		wantStatus int
+		wantRate   string
+		wantRetry  string
+	}
+	steps := []step{
+		{0, 0, `"default";r=2;t=20`, ""},
+		{0, 0, `"default";r=1;t=40`, ""},
+		{0, 0, `"default";r=0;t=60`, ""},
+		{0, 429, `"default";r=0;t=60`, "20"},
+		{19 * time.Second, 429, `"default";r=0;t=41`, "1"},
+		{time.Second, 0, `"default";r=0;t=60`, ""},
+		{60 * time.Second, 0, `"default";r=2;t=20`, ""},
+	}
+	for i, s := range steps {
+		clock.advance(s.advance)
+		var next nextRecorder
+		p := prepare("/", hdr)
+		err := h.ServeHTTP(p.w, p.r, &next)
+		var he caddyhttp.HandlerError
+		switch {
+		case s.wantStatus == 0 && err != nil:
+			t.Fatalf("step %d: unexpected error %v", i, err)
+		case s.wantStatus != 0 && (!errorsAs(err, &he) || he.StatusCode != s.wantStatus):
+			t.Fatalf("step %d: err = %v, want status %d", i, err, s.wantStatus)
+		}
+		if got := p.w.hdr.Get("RateLimit-Policy"); got != `"default";q=3;w=60` {
+			t.Errorf("step %d: RateLimit-Policy = %q", i, got)
+		}
+		if got := p.w.hdr.Get("RateLimit"); got != s.wantRate {
+			t.Errorf("step %d: RateLimit = %q, want %q", i, got, s.wantRate)
+		}
+		if got := p.w.hdr.Get("Retry-After"); got != s.wantRetry {
+			t.Errorf("step %d: Retry-After = %q, want %q", i, got, s.wantRetry)
+		}
+		if s.wantStatus == 429 {
+			if got, _ := p.repl.GetString("http.api_key.outcome"); got != outcomeRateLimited {
+				t.Errorf("step %d: outcome = %q", i, got)
+			}
+			if f := logFieldOf(t, p); f["outcome"] != outcomeRateLimited || f["id"] != "alpha" {
+				t.Errorf("step %d: log field = %v", i, f)
+			}
+		}
+	}
+}
+
+func TestLimitOf(t *testing.T) {
+	own := ratelimit.Limit{Count: 5, Period: time.Second, Burst: 2}
+	tests := []struct {
+		name       string
+		handler    string
+		burst      int64
+		rec        keyRecord
+		wantLimit  ratelimit.Limit
+		wantPolicy string
+	}{
+		{"inherit", "600/1m", 0, keyRecord{}, ratelimit.Limit{Count: 600, Period: time.Minute, Burst: 600}, `"default";q=600;w=60`},
+		{"inherit with handler burst", "600/1m", 50, keyRecord{}, ratelimit.Limit{Count: 600, Period: time.Minute, Burst: 50}, `"default";q=600;w=60`},
+		{"key burst over handler rate", "600/1m", 50, keyRecord{burst: 7}, ratelimit.Limit{Count: 600, Period: time.Minute, Burst: 7}, `"default";q=600;w=60`},
+		{"key burst without any rate", "", 0, keyRecord{burst: 7}, ratelimit.Limit{}, ""},
+		{"own", "600/1m", 0, keyRecord{limitMode: limitOwn, limit: own, policy: policyValue("key", own)}, own, `"key";q=5;w=1`},
+		{"off", "600/1m", 0, keyRecord{limitMode: limitOff}, ratelimit.Limit{}, ""},
+		{"no rate anywhere", "", 0, keyRecord{}, ratelimit.Limit{}, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newTestHandler(t, &Handler{Keys: []InlineKey{{ID: "a", Key: testKeyA}}, Rate: tt.handler, Burst: tt.burst})
+			lim, policy := h.limitOf(&tt.rec)
+			if lim != tt.wantLimit || policy != tt.wantPolicy {
+				t.Errorf("limitOf = %+v %q, want %+v %q", lim, policy, tt.wantLimit, tt.wantPolicy)
+			}
+		})
+	}
+}
+
+// TestRateLimitConcurrent sends 100 requests with one key at once against
+// rate 10/1m: exactly 10 go through.
+func TestRateLimitConcurrent(t *testing.T) {
+	h := newTestHandler(t, &Handler{Keys: []InlineKey{{ID: "alpha", Key: testKeyA}}, Rate: "10/1m"})
+	h.limiter = newLimiter(monotonicClock())
+	var next nextRecorder
+	var limited atomic.Int64
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for range 100 {
+		p := prepare("/", http.Header{"Authorization": {"Bearer " + testKeyA}})
+		wg.Go(func() {
+			<-start
+			var he caddyhttp.HandlerError
+			if err := h.ServeHTTP(p.w, p.r, &next); errorsAs(err, &he) && he.StatusCode == 429 {
+				limited.Add(1)
+			} else if err != nil {
+				t.Errorf("unexpected error %v", err)
+			}
+		})
+	}
+	close(start)
+	wg.Wait()
+	if got := next.calls.Load(); got != 10 {
+		t.Errorf("admitted %d requests, want 10", got)
+	}
+	if got := limited.Load(); got != 90 {
+		t.Errorf("limited %d requests, want 90", got)
+	}
+}
+
+func TestLimiterSweep(t *testing.T) {
+	clock := &fakeClock{}
+	clock.advance(time.Hour)
+	l := newLimiter(clock.now)
+	lim, err := ratelimit.ParseRate("2/1s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 1000 {
+		l.decide(fmt.Sprint("key-", i), uint64(i), lim)
+	}
+	if got := l.len(); got != 1000 {
+		t.Fatalf("states = %d, want 1000", got)
+	}
+	if got := l.sweep(); got != 0 {
+		t.Fatalf("sweep dropped %d busy states, want 0", got)
+	}
+	clock.advance(499 * time.Millisecond)
+	l.decide("key-1", 1, lim) // busy again: must survive the sweep
+	clock.advance(2 * time.Millisecond)
+	if got := l.sweep(); got != 999 {
+		t.Fatalf("sweep dropped %d, want 999", got)
+	}
+	if got := l.len(); got != 1 {
+		t.Fatalf("states after sweep = %d, want 1", got)
+	}
+}
+
+func TestLimiterStateKeyedByLimit(t *testing.T) {
+	clock := &fakeClock{}
+	clock.advance(time.Hour)
+	l := newLimiter(clock.now)
+	a := ratelimit.Limit{Count: 1, Period: time.Minute, Burst: 1}
+	b := ratelimit.Limit{Count: 2, Period: time.Minute, Burst: 2}
+	if !l.decide("k", 1, a).Allowed || l.decide("k", 1, a).Allowed {
+		t.Fatal("1/1m should admit one request")
+	}
+	// A changed limit starts afresh; the unchanged one keeps its state.
+	if !l.decide("k", 1, b).Allowed {
+		t.Error("a new limit for the key should start with a full burst")
+	}
+	if l.decide("k", 1, a).Allowed {
+		t.Error("the old limit's state was lost")
+	}
+}
+
+func TestRemoveKey(t *testing.T) {
+	tests := []struct {
+		name      string
+		from      []KeySource
+		passKey   bool
+		target    string
+		header    http.Header
+		wantQuery string
+		wantHdr   http.Header
+	}{
+		{
+			name:    "bearer",
+			target:  "/",
+			header:  http.Header{"Authorization": {"Bearer " + testKeyA}, "X-Other": {"1"}},
+			wantHdr: http.Header{"X-Other": {"1"}},
+		},
+		{
+			name:    "header",
+			target:  "/",
+			header:  http.Header{"X-Api-Key": {testKeyA}},
+			wantHdr: http.Header{},
+		},
+		{
+			name:      "query keeps other parameters",
+			from:      []KeySource{{Source: "query", Name: "api_key"}},
+			target:    "/p?a=1&api_key=" + testKeyA + "&b=2",
+			wantQuery: "a=1&b=2",
+			wantHdr:   http.Header{},
+		},
+		{
+			name:    "cookie keeps other cookies",
+			from:    []KeySource{{Source: "cookie", Name: "k"}},
+			target:  "/",
+			header:  http.Header{"Cookie": {"a=1; k=" + testKeyA + "; b=2"}},
+			wantHdr: http.Header{"Cookie": {"a=1; b=2"}},
+		},
+		{
+			name:    "cookie alone",
+			from:    []KeySource{{Source: "cookie", Name: "k"}},
+			target:  "/",
+			header:  http.Header{"Cookie": {"k=" + testKeyA}},
+			wantHdr: http.Header{},
+		},
+		{
+			name:      "pass_key keeps it",
+			from:      []KeySource{{Source: "query", Name: "api_key"}, {Source: "header", Name: "X-API-Key"}},
+			passKey:   true,
+			target:    "/?api_key=" + testKeyA,
+			header:    http.Header{"X-Api-Key": {testKeyA}},
+			wantQuery: "api_key=" + testKeyA,
+			wantHdr:   http.Header{"X-Api-Key": {testKeyA}},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newTestHandler(t, &Handler{From: tt.from, PassKey: tt.passKey, Keys: []InlineKey{{ID: "alpha", Key: testKeyA}}})
+			var next nextRecorder
+			p := prepare(tt.target, tt.header)
+			if err := h.ServeHTTP(p.w, p.r, &next); err != nil {
+				t.Fatalf("ServeHTTP: %v", err)
+			}
+			got := next.last
+			if got.URL.RawQuery != tt.wantQuery {
+				t.Errorf("query = %q, want %q", got.URL.RawQuery, tt.wantQuery)
+			}
+			if tt.wantQuery != "" && !strings.HasSuffix(got.RequestURI, "?"+tt.wantQuery) {
+				t.Errorf("RequestURI = %q, want it to end in ?%s", got.RequestURI, tt.wantQuery)
+			}
+			if fmt.Sprint(got.Header) != fmt.Sprint(tt.wantHdr) {
+				t.Errorf("headers = %v, want %v", got.Header, tt.wantHdr)
+			}
+		})
+	}
+}
+
+// TestCacheGeneration checks that a cached lookup from an older key set is
+// never used: a removed key is rejected as soon as the new set is in place,
+// even while the cache still holds it.
+func TestCacheGeneration(t *testing.T) {
+	dir := t.TempDir()
+	path := dir + "/keys.json"
+	writeKeys := func(ids ...string) {
+		t.Helper()
+		var b strings.Builder
+		b.WriteString(`{"keys": [`)
+		for i, id := range ids {
+			if i > 0 {
+				b.WriteString(",")
+			}
+			fmt.Fprintf(&b, `{"id": %q, "hash": %q}`, id, hashOf("key-"+id))
+		}
+		b.WriteString("]}")
+		if err := writeFileAtomic(path, []byte(b.String())); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeKeys("a", "b")
+	h := newTestHandler(t, &Handler{KeysFile: path})
+	find := func(key string) *keyRecord {
+		d := sha256.Sum256([]byte(key))
+		return h.find(&d)
+	}
+	for range 3 {
+		if rec := find("key-a"); rec == nil || rec.id != "a" {
+			t.Fatalf("key a not found: %v", rec)
+		}
+		if rec := find("key-c"); rec != nil {
+			t.Fatalf("key c found before it exists")
+		}
+		h.cache.c.Wait()
+	}
+	d := sha256.Sum256([]byte("key-a"))
+	if _, ok := h.cache.get(&d, h.keysFile.set.Load().gen); !ok {
+		t.Fatal("key a is not cached; the test would prove nothing")
+	}
+	writeKeys("b", "c")
+	if err := h.keysFile.check(); err != nil {
+		t.Fatalf("reload: %v", err)
+	}
+	if rec := find("key-a"); rec != nil {
+		t.Errorf("removed key a still found (id %s)", rec.id)
+	}
+	if rec := find("key-c"); rec == nil || rec.id != "c" {
+		t.Errorf("added key c not found after reload: %v", rec)
+	}
+}
+
+func writeFileAtomic(path string, data []byte) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, data, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// TestProvisionCleanupPools provisions and cleans up many handlers, as
+// config reloads do, and checks that the shared state is released: no
+// pool entries and no watcher goroutines are left behind.
+func TestProvisionCleanupPools(t *testing.T) {
+	path := t.TempDir() + "/keys.json"
+	if err := os.WriteFile(path, []byte(`{"keys": [{"id": "a", "hash": "`+hashOf("k")+`"}]}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	before := runtime.NumGoroutine()
+	for range 200 {
+		ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+		h := &Handler{KeysFile: path, Rate: "1/s"}
+		if err := h.Provision(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := h.Cleanup(); err != nil {
+			t.Fatal(err)
+		}
+		cancel()
+	}
+	// A Provision that fails half way cleans up too.
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	bad := &Handler{KeysFile: path + ".missing"}
+	if err := bad.Provision(ctx); err == nil {
+		t.Fatal("Provision with a missing keys file succeeded")
+	}
+	if err := bad.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	for _, pool := range []*caddy.UsagePool{limiterPool, keysFilePool} {
+		pool.Range(func(key, _ any) bool {
+			t.Errorf("pool entry %v left after cleanup", key)
+			return true
+		})
+	}
+	// Goroutines of closed caches and stopped watchers may take a moment.
+	deadline := time.Now().Add(5 * time.Second)
+	for runtime.NumGoroutine() > before+2 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if after := runtime.NumGoroutine(); after > before+2 {
+		t.Errorf("goroutines grew from %d to %d", before, after)
+	}
+}

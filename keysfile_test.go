@@ -1,0 +1,672 @@
+package apikey
+
+import (
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"reflect"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/keystile/caddy-apikey/internal/ratelimit"
+)
+
+// Digests for keys files; hashN is "sha256:" and 64 hex digits.
+var (
+	hash1 = sha256Hex("key-one")
+	hash2 = sha256Hex("key-two")
+	hash3 = sha256Hex("key-three")
+	hash4 = sha256Hex("key-four")
+	hash5 = sha256Hex("key-five")
+	hash6 = sha256Hex("key-six")
+	hash7 = sha256Hex("key-seven")
+)
+
+func digestOf(t *testing.T, s string) [32]byte {
+	t.Helper()
+	var d [32]byte
+	b, err := hex.DecodeString(strings.TrimPrefix(s, "sha256:"))
+	if err != nil || len(b) != 32 {
+		t.Fatalf("bad digest %q in test", s)
+	}
+	copy(d[:], b)
+	return d
+}
+
+// wantRecord is what a test expects of a keyRecord.
+type wantRecord struct {
+	id, name, owner string
+	hash            string
+	metadata        map[string]string
+	limitMode       limitMode
+	limit           ratelimit.Limit
+	policy          string
+	burst           int64
+}
+
+func TestParseKeysFile(t *testing.T) {
+	tests := []struct {
+		name string
+		data string
+		want []wantRecord
+	}{
+		{
+			name: "empty keys array",
+			data: `{"keys": []}`,
+			want: nil,
+		},
+		{
+			name: "surrounding whitespace",
+			data: "\n\t {\"keys\": [{\"id\": \"a\", \"hash\": \"" + hash1 + "\"}]}\n\n",
+			want: []wantRecord{{id: "a", hash: hash1}},
+		},
+		{
+			name: "every field",
+			data: `{"keys": [
+				{"id": "plain", "hash": "` + hash1 + `"},
+				{"id": "full", "hash": "sha256:` + strings.ToUpper(hash2[len("sha256:"):]) + `", "name": "Full Key", "owner": "team-a",
+				 "metadata": {"plan": "pro", "region.eu-1_x": "yes"}, "rate": "10/1s", "burst": 5},
+				{"id": "own", "hash": "` + hash3 + `", "rate": "600/1m"},
+				{"id": "days", "hash": "` + hash4 + `", "rate": "5000/d"},
+				{"id": "off", "hash": "` + hash5 + `", "rate": "off"},
+				{"id": "burst-only", "hash": "` + hash6 + `", "burst": 3},
+				{"id": "empty-meta~!#$%&'()*+,-./:;<=>?@[]^_` + "`" + `{|}", "hash": "` + hash7 + `", "metadata": {}}
+			]}`,
+			want: []wantRecord{
+				{id: "plain", hash: hash1},
+				{
+					id: "full", name: "Full Key", owner: "team-a", hash: hash2,
+					metadata:  map[string]string{"plan": "pro", "region.eu-1_x": "yes"},
+					limitMode: limitOwn,
+					limit:     ratelimit.Limit{Count: 10, Period: time.Second, Burst: 5},
+					policy:    `"key";q=10;w=1`,
+				},
+				{
+					id: "own", hash: hash3,
+					limitMode: limitOwn,
+					limit:     ratelimit.Limit{Count: 600, Period: time.Minute, Burst: 600},
+					policy:    `"key";q=600;w=60`,
+				},
+				{
+					id: "days", hash: hash4,
+					limitMode: limitOwn,
+					limit:     ratelimit.Limit{Count: 5000, Period: 24 * time.Hour, Burst: 5000},
+					policy:    `"key";q=5000;w=86400`,
+				},
+				{id: "off", hash: hash5, limitMode: limitOff},
+				{id: "burst-only", hash: hash6, limitMode: limitInherit, burst: 3},
+				{id: "empty-meta~!#$%&'()*+,-./:;<=>?@[]^_`{|}", hash: hash7},
+			},
+		},
+		{
+			// Zero is how JSON spells "not set", as elsewhere in Caddy's
+			// config.
+			name: "burst 0 means no burst",
+			data: `{"keys": [{"id": "a", "hash": "` + hash1 + `", "burst": 0}]}`,
+			want: []wantRecord{{id: "a", hash: hash1}},
+		},
+		{
+			name: "longest id",
+			data: `{"keys": [{"id": "` + strings.Repeat("i", 128) + `", "hash": "` + hash1 + `"}]}`,
+			want: []wantRecord{{id: strings.Repeat("i", 128), hash: hash1}},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			set, err := parseKeysFile([]byte(tt.data))
+			if err != nil {
+				t.Fatalf("parseKeysFile: %v", err)
+			}
+			if len(set.byDigest) != len(tt.want) {
+				t.Errorf("got %d keys, want %d", len(set.byDigest), len(tt.want))
+			}
+			for _, w := range tt.want {
+				d := digestOf(t, w.hash)
+				rec := set.byDigest[d]
+				if rec == nil {
+					t.Errorf("key %q not found by its digest", w.id)
+					continue
+				}
+				assertRecord(t, rec, w)
+			}
+		})
+	}
+}
+
+func assertRecord(t *testing.T, rec *keyRecord, w wantRecord) {
+	t.Helper()
+	got := wantRecord{
+		id: rec.id, name: rec.name, owner: rec.owner, hash: "sha256:" + hex.EncodeToString(rec.digest[:]),
+		metadata: rec.metadata, limitMode: rec.limitMode, limit: rec.limit, policy: rec.policy, burst: rec.burst,
+	}
+	if !reflect.DeepEqual(got, w) {
+		t.Errorf("record = %+v\nwant     %+v", got, w)
+	}
+	// What the request path needs is made at load.
+	if rec.idAny != rec.id || rec.provider == nil {
+		t.Errorf("record %q is not finished: idAny %v, provider set %v", rec.id, rec.idAny, rec.provider != nil)
+	}
+	if v, ok := rec.provider("http.api_key.id"); !ok || v != rec.id {
+		t.Errorf("placeholder http.api_key.id = %v, %v; want %q", v, ok, rec.id)
+	}
+}
+
+func TestParseKeysFileErrors(t *testing.T) {
+	entryA := `{"id": "a", "hash": "` + hash1 + `"}`
+	tests := []struct {
+		name string
+		data string
+		want string // the exact message, or
+		// match, a regular expression for the whole message.
+		match string
+	}{
+		{name: "empty file", data: "", want: `file is empty; want {"keys": [...]}`},
+		{name: "whitespace only", data: " \n\t\r\n", want: `file is empty; want {"keys": [...]}`},
+		{
+			name: "not JSON",
+			data: "nope",
+			want: "invalid JSON at line 1, column 2: invalid character 'o' in literal null (expecting 'u')",
+		},
+		{
+			// The offending "}" is on line 3, column 97.
+			name: "bad JSON inside an entry",
+			data: "{\"keys\": [\n  " + entryA + ",\n  {\"id\": \"b\", \"hash\": \"" + hash2 + "\",}\n]}",
+			want: "keys[1]: invalid JSON at line 3, column 97: invalid character '}' looking for beginning of object key string",
+		},
+		{
+			// The second entry starts at line 3, column 3, without a comma
+			// before it.
+			name: "missing comma between entries",
+			data: "{\"keys\": [\n  " + entryA + "\n  " + entryA + "\n]}",
+			want: "keys[1]: invalid JSON at line 3, column 3: expected comma after array element",
+		},
+		{
+			// The "x" is at line 2, column 2.
+			name: "bad JSON after the keys array",
+			data: "{\"keys\": []\n x}",
+			want: "invalid JSON at line 2, column 2: invalid character 'x' after object key:value pair",
+		},
+		{name: "truncated in an entry", data: `{"keys": [{"id": "a", "ha`, want: "keys[0]: unexpected end of file (truncated JSON?)"},
+		{name: "truncated after an entry", data: `{"keys": [` + entryA, want: "unexpected end of file (truncated JSON?)"},
+		{name: "truncated after the array", data: `{"keys": [` + entryA + `]`, want: "unexpected end of file (truncated JSON?)"},
+		{name: "truncated after the brace", data: `{`, want: "unexpected end of file (truncated JSON?)"},
+		{name: "top level is an array", data: `[` + entryA + `]`, want: `expected a JSON object {"keys": [...]}, found [`},
+		{name: "top level is a string", data: `"keys"`, want: `expected a JSON object {"keys": [...]}, found keys`},
+		{name: "top level is null", data: `null`, want: `expected a JSON object {"keys": [...]}, found <nil>`},
+		{name: "keys is an object", data: `{"keys": {}}`, want: `expected an array after "keys", found {`},
+		{name: "keys is null", data: `{"keys": null}`, want: `expected an array after "keys", found <nil>`},
+		{name: "no keys field", data: `{}`, want: `no "keys" array; want {"keys": [...]}`},
+		{name: "unknown top-level field", data: `{"key": []}`, want: `unknown top-level field "key"; want {"keys": [...]}`},
+		{name: "unknown field after keys", data: `{"keys": [], "version": 2}`, want: `unknown top-level field "version"; want {"keys": [...]}`},
+		{name: "keys twice", data: `{"keys": [], "keys": []}`, want: `"keys" appears twice`},
+		{
+			name: "unknown entry field",
+			data: `{"keys": [` + entryA + `, {"id": "b", "hash": "` + hash2 + `", "rat": "10/1m"}]}`,
+			want: `keys[1]: json: unknown field "rat"`,
+		},
+		{
+			name:  "burst as a string",
+			data:  "{\"keys\": [\n  " + entryA + ",\n  {\"id\": \"b\",\n   \"hash\": \"" + hash2 + "\",\n   \"burst\": \"5\"}\n]}",
+			match: `^keys\[1\]: line 5, column \d+: "burst" must be a int64, not a JSON string$`,
+		},
+		{
+			name:  "metadata value not a string",
+			data:  `{"keys": [{"id": "a", "hash": "` + hash1 + `", "metadata": {"plan": 3}}]}`,
+			match: `^keys\[0\]: line 1, column \d+: "metadata" must be a string, not a JSON number$`,
+		},
+		{name: "entry not an object", data: `{"keys": ["a"]}`, match: `^keys\[0\]: line 1, column \d+: value must be a apikey\.keyFileEntry, not a JSON string$`},
+		{name: "missing id", data: `{"keys": [{"hash": "` + hash1 + `"}]}`, want: `keys[0]: missing "id"`},
+		{name: "missing hash", data: `{"keys": [{"id": "a"}]}`, want: `keys[0] (id "a"): missing "hash" (sha256:<64 hex digits>)`},
+		{
+			name: "duplicate id",
+			data: `{"keys": [` + entryA + `, {"id": "b", "hash": "` + hash2 + `"}, {"id": "a", "hash": "` + hash3 + `"}]}`,
+			want: `keys[2] (id "a"): duplicate id (also keys[0])`,
+		},
+		{
+			name: "duplicate hash",
+			data: `{"keys": [{"id": "x", "hash": "` + hash2 + `"}, ` + entryA + `, {"id": "b", "hash": "` + hash1 + `"}]}`,
+			want: `keys[2] (id "b"): duplicate hash (same as keys[1], id "a")`,
+		},
+		{
+			name: "duplicate hash in upper case",
+			data: `{"keys": [` + entryA + `, {"id": "b", "hash": "sha256:` + strings.ToUpper(hash1[len("sha256:"):]) + `"}]}`,
+			want: `keys[1] (id "b"): duplicate hash (same as keys[0], id "a")`,
+		},
+		{
+			name: "hash without prefix",
+			data: `{"keys": [{"id": "a", "hash": "` + hash1[len("sha256:"):] + `"}]}`,
+			want: `keys[0] (id "a"): "hash" must start with "sha256:"`,
+		},
+		{
+			name: "hash with another algorithm",
+			data: `{"keys": [{"id": "a", "hash": "SHA256:` + hash1[len("sha256:"):] + `"}]}`,
+			want: `keys[0] (id "a"): "hash" must start with "sha256:"`,
+		},
+		{
+			name: "hash too short",
+			data: `{"keys": [{"id": "a", "hash": "` + hash1[:len(hash1)-1] + `"}]}`,
+			want: `keys[0] (id "a"): "hash" must be "sha256:" and 64 hex digits, not 63 characters`,
+		},
+		{
+			name: "hash not hex",
+			data: `{"keys": [{"id": "a", "hash": "sha256:` + strings.Repeat("z", 64) + `"}]}`,
+			want: `keys[0] (id "a"): "hash" has a character that is not a hex digit`,
+		},
+		{
+			name: "bad rate",
+			data: `{"keys": [{"id": "a", "hash": "` + hash1 + `", "rate": "fast"}]}`,
+			want: `keys[0] (id "a"): "rate": rate "fast": want <count>/<duration>, such as 600/1m`,
+		},
+		{
+			name: "rate with zero count",
+			data: `{"keys": [{"id": "a", "hash": "` + hash1 + `", "rate": "0/1m"}]}`,
+			want: `keys[0] (id "a"): "rate": rate "0/1m": count must be a whole number from 1 to 1000000000`,
+		},
+		{
+			name: "burst with rate off",
+			data: `{"keys": [{"id": "a", "hash": "` + hash1 + `", "rate": "off", "burst": 5}]}`,
+			want: `keys[0] (id "a"): "burst" makes no sense with "rate": "off"`,
+		},
+		{
+			name: "negative burst without rate",
+			data: `{"keys": [{"id": "a", "hash": "` + hash1 + `", "burst": -1}]}`,
+			want: `keys[0] (id "a"): "burst": burst must be a whole number from 1 to 1000000000`,
+		},
+		{
+			name: "negative burst with rate",
+			data: `{"keys": [{"id": "a", "hash": "` + hash1 + `", "rate": "10/1m", "burst": -1}]}`,
+			want: `keys[0] (id "a"): "burst": burst must be a whole number from 1 to 1000000000`,
+		},
+		{
+			name: "burst too large",
+			data: `{"keys": [{"id": "a", "hash": "` + hash1 + `", "rate": "10/1m", "burst": 1000000001}]}`,
+			want: `keys[0] (id "a"): "burst": burst must be a whole number from 1 to 1000000000`,
+		},
+		{
+			name: "bad metadata name",
+			data: `{"keys": [{"id": "a", "hash": "` + hash1 + `", "metadata": {"a b": "x"}}]}`,
+			want: `keys[0] (id "a"): metadata field "a b": use letters, digits, '_', '-' and '.' only`,
+		},
+		{
+			name: "empty metadata name",
+			data: `{"keys": [{"id": "a", "hash": "` + hash1 + `", "metadata": {"": "x"}}]}`,
+			want: `keys[0] (id "a"): metadata field "": use letters, digits, '_', '-' and '.' only`,
+		},
+		{
+			name: "id too long",
+			data: `{"keys": [{"id": "` + strings.Repeat("i", 129) + `", "hash": "` + hash1 + `"}]}`,
+			want: `keys[0] (id "` + strings.Repeat("i", 129) + `"): "id" is longer than 128 characters`,
+		},
+		{
+			name: "id with a space",
+			data: `{"keys": [{"id": "a b", "hash": "` + hash1 + `"}]}`,
+			want: `keys[0] (id "a b"): "id" "a b": use visible ASCII characters other than quotes and backslash`,
+		},
+		{
+			name: "id with a quote",
+			data: `{"keys": [{"id": "a\"b", "hash": "` + hash1 + `"}]}`,
+			want: `keys[0] (id "a\"b"): "id" "a\"b": use visible ASCII characters other than quotes and backslash`,
+		},
+		{
+			name: "id with non-ASCII",
+			data: `{"keys": [{"id": "é", "hash": "` + hash1 + `"}]}`,
+			want: `keys[0] (id "é"): "id" "é": use visible ASCII characters other than quotes and backslash`,
+		},
+		{name: "trailing data", data: `{"keys": []} x`, want: "unexpected data after the closing }"},
+		{name: "second object", data: `{"keys": []}{"keys": []}`, want: "unexpected data after the closing }"},
+		{name: "trailing closing brace", data: `{"keys": []}}`, want: "unexpected data after the closing }"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			set, err := parseKeysFile([]byte(tt.data))
+			if err == nil {
+				t.Fatalf("parseKeysFile succeeded with %d keys, want an error", len(set.byDigest))
+			}
+			if set != nil {
+				t.Errorf("parseKeysFile returned a set with its error")
+			}
+			if tt.match != "" {
+				if !regexp.MustCompile(tt.match).MatchString(err.Error()) {
+					t.Errorf("error = %q, want a match for %q", err, tt.match)
+				}
+			} else if err.Error() != tt.want {
+				t.Errorf("error = %q\nwant    %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestLoadKeysFile(t *testing.T) {
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.json")
+	writeKeysFile(t, good, `{"keys": [{"id": "a", "hash": "`+hash1+`"}]}`)
+	bad := filepath.Join(dir, "bad.json")
+	writeKeysFile(t, bad, `{"keys": [{"id": "a"}]}`)
+	missing := filepath.Join(dir, "missing.json")
+
+	t.Run("valid file", func(t *testing.T) {
+		set, stamp, sum, err := loadKeysFile(good)
+		if err != nil {
+			t.Fatalf("loadKeysFile: %v", err)
+		}
+		if len(set.byDigest) != 1 || stamp.size == 0 || sum == ([32]byte{}) {
+			t.Errorf("got %d keys, stamp %+v, sum %x", len(set.byDigest), stamp, sum)
+		}
+	})
+	tests := []struct {
+		name   string
+		path   string
+		want   string
+		wantIs error
+	}{
+		{name: "missing file", path: missing, want: "loading keys file " + missing + ": ", wantIs: fs.ErrNotExist},
+		{name: "directory", path: dir, want: "loading keys file " + dir + ": "},
+		{name: "broken file", path: bad, want: "loading keys file " + bad + `: keys[0] (id "a"): missing "hash"`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, _, _, err := loadKeysFile(tt.path)
+			if err == nil {
+				t.Fatal("loadKeysFile succeeded, want an error")
+			}
+			if !strings.HasPrefix(err.Error(), tt.want) {
+				t.Errorf("error = %q, want it to start with %q", err, tt.want)
+			}
+			if tt.wantIs != nil && !errors.Is(err, tt.wantIs) {
+				t.Errorf("error = %v, want it to wrap %v", err, tt.wantIs)
+			}
+			if _, err := openKeysFile(tt.path, zap.NewNop()); err == nil || !strings.HasPrefix(err.Error(), tt.want) {
+				t.Errorf("openKeysFile error = %v, want it to start with %q", err, tt.want)
+			}
+		})
+	}
+}
+
+// writeKeysFile writes a keys file through a rename, as editors and
+// deploy tools do, and gives it a modification time later than any before,
+// so that a change is seen even where timestamps are coarse.
+func writeKeysFile(t *testing.T, path, data string) {
+	t.Helper()
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(data), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	mtime := nextMtime()
+	if err := os.Chtimes(tmp, mtime, mtime); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+var mtimeSeq = time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+
+func nextMtime() time.Time {
+	mtimeSeq = mtimeSeq.Add(time.Second)
+	return mtimeSeq
+}
+
+// slowPolling stops the watcher from checking on its own during a test.
+func slowPolling(t *testing.T) {
+	t.Helper()
+	saved := keysFilePollInterval
+	keysFilePollInterval = time.Hour
+	t.Cleanup(func() { keysFilePollInterval = saved })
+}
+
+func openTestKeysFile(t *testing.T, path string) *keysFile {
+	t.Helper()
+	kf, err := openKeysFile(path, zap.NewNop())
+	if err != nil {
+		t.Fatalf("openKeysFile: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := kf.Destruct(); err != nil {
+			t.Errorf("Destruct: %v", err)
+		}
+	})
+	return kf
+}
+
+// ids returns the sorted ids of a key set.
+func ids(set *keySet) string {
+	var out []string
+	for _, rec := range set.byDigest {
+		out = append(out, rec.id)
+	}
+	slices.Sort(out)
+	return strings.Join(out, ",")
+}
+
+func keysJSON(entries ...[2]string) string {
+	var parts []string
+	for _, e := range entries {
+		parts = append(parts, fmt.Sprintf(`{"id": %q, "hash": %q}`, e[0], e[1]))
+	}
+	return `{"keys": [` + strings.Join(parts, ", ") + `]}`
+}
+
+func TestKeysFileReload(t *testing.T) {
+	slowPolling(t)
+	dir := t.TempDir()
+	path := filepath.Join(dir, "keys.json")
+	writeKeysFile(t, path, keysJSON([2]string{"a", hash1}))
+	kf := openTestKeysFile(t, path)
+
+	first := kf.set.Load()
+	if got := ids(first); got != "a" {
+		t.Fatalf("initial ids = %q, want a", got)
+	}
+
+	// Each step runs on the state the previous one left.
+	steps := []struct {
+		name    string
+		change  func(t *testing.T)
+		wantErr string // a substring of check's error; "" for none
+		// wantIDs are the ids of the set in use afterwards; same says the
+		// set must be the very set in use before the step.
+		wantIDs string
+		same    bool
+	}{
+		{
+			name:    "unchanged file",
+			change:  func(t *testing.T) {},
+			wantIDs: "a",
+			same:    true,
+		},
+		{
+			name:    "new keys",
+			change:  func(t *testing.T) { writeKeysFile(t, path, keysJSON([2]string{"a", hash1}, [2]string{"b", hash2})) },
+			wantIDs: "a,b",
+		},
+		{
+			name:    "broken file keeps the keys",
+			change:  func(t *testing.T) { writeKeysFile(t, path, `{"keys": [{"id": "a"}]}`) },
+			wantErr: `loading keys file ` + path + `: keys[0] (id "a"): missing "hash"`,
+			wantIDs: "a,b",
+			same:    true,
+		},
+		{
+			name:    "still broken",
+			change:  func(t *testing.T) {},
+			wantErr: `missing "hash"`,
+			wantIDs: "a,b",
+			same:    true,
+		},
+		{
+			name:    "fixed with the same keys as in use",
+			change:  func(t *testing.T) { writeKeysFile(t, path, keysJSON([2]string{"a", hash1}, [2]string{"b", hash2})) },
+			wantIDs: "a,b",
+			same:    true,
+		},
+		{
+			name: "same content with a new mtime",
+			change: func(t *testing.T) {
+				mtime := nextMtime()
+				if err := os.Chtimes(path, mtime, mtime); err != nil {
+					t.Fatal(err)
+				}
+			},
+			wantIDs: "a,b",
+			same:    true,
+		},
+		{
+			name:    "empty file keeps the keys",
+			change:  func(t *testing.T) { writeKeysFile(t, path, "") },
+			wantErr: "file is empty",
+			wantIDs: "a,b",
+			same:    true,
+		},
+		{
+			name:    "a key removed",
+			change:  func(t *testing.T) { writeKeysFile(t, path, keysJSON([2]string{"b", hash2})) },
+			wantIDs: "b",
+		},
+		{
+			name: "file removed keeps the keys",
+			change: func(t *testing.T) {
+				if err := os.Remove(path); err != nil {
+					t.Fatal(err)
+				}
+			},
+			wantErr: "keys file " + path + ": ",
+			wantIDs: "b",
+			same:    true,
+		},
+		{
+			name:    "file back",
+			change:  func(t *testing.T) { writeKeysFile(t, path, keysJSON([2]string{"c", hash3})) },
+			wantIDs: "c",
+		},
+	}
+	for _, st := range steps {
+		t.Run(st.name, func(t *testing.T) {
+			before := kf.set.Load()
+			st.change(t)
+			err := kf.check()
+			switch {
+			case st.wantErr == "" && err != nil:
+				t.Errorf("check: %v", err)
+			case st.wantErr != "" && err == nil:
+				t.Errorf("check succeeded, want an error containing %q", st.wantErr)
+			case st.wantErr != "" && !strings.Contains(err.Error(), st.wantErr):
+				t.Errorf("check error = %q, want it to contain %q", err, st.wantErr)
+			}
+			after := kf.set.Load()
+			if got := ids(after); got != st.wantIDs {
+				t.Errorf("ids = %q, want %q", got, st.wantIDs)
+			}
+			if st.same && after != before {
+				t.Errorf("the key set was replaced")
+			}
+			if !st.same {
+				if after == before {
+					t.Errorf("the key set was not replaced")
+				} else if after.gen <= before.gen {
+					t.Errorf("new set has generation %d, not above %d", after.gen, before.gen)
+				}
+			}
+		})
+	}
+}
+
+func TestKeysFileReloadSymlink(t *testing.T) {
+	slowPolling(t)
+	dir := t.TempDir()
+	a := filepath.Join(dir, "a.json")
+	b := filepath.Join(dir, "b.json")
+	link := filepath.Join(dir, "keys.json")
+	writeKeysFile(t, a, keysJSON([2]string{"a", hash1}))
+	writeKeysFile(t, b, keysJSON([2]string{"b", hash2}))
+	if err := os.Symlink(a, link); err != nil {
+		t.Skipf("symlinks not supported: %v", err)
+	}
+	kf := openTestKeysFile(t, link)
+	before := kf.set.Load()
+	if got := ids(before); got != "a" {
+		t.Fatalf("initial ids = %q, want a", got)
+	}
+
+	// Re-point the link atomically, as Kubernetes does with ConfigMaps.
+	tmp := filepath.Join(dir, "keys.json.new")
+	if err := os.Symlink(b, tmp); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, link); err != nil {
+		t.Fatal(err)
+	}
+	if err := kf.check(); err != nil {
+		t.Fatalf("check: %v", err)
+	}
+	after := kf.set.Load()
+	if got := ids(after); got != "b" {
+		t.Errorf("ids after the swap = %q, want b", got)
+	}
+	if after.gen <= before.gen {
+		t.Errorf("new set has generation %d, not above %d", after.gen, before.gen)
+	}
+
+	// A dangling link keeps the keys.
+	if err := os.Remove(b); err != nil {
+		t.Fatal(err)
+	}
+	if err := kf.check(); err == nil {
+		t.Errorf("check of a dangling link succeeded")
+	}
+	if kf.set.Load() != after {
+		t.Errorf("the key set was replaced after the link broke")
+	}
+}
+
+// TestKeysFileWatcher checks that the watcher picks up a change on its own.
+func TestKeysFileWatcher(t *testing.T) {
+	saved := keysFilePollInterval
+	keysFilePollInterval = 5 * time.Millisecond
+	t.Cleanup(func() { keysFilePollInterval = saved })
+	path := filepath.Join(t.TempDir(), "keys.json")
+	writeKeysFile(t, path, keysJSON([2]string{"a", hash1}))
+	kf := openTestKeysFile(t, path)
+
+	writeKeysFile(t, path, keysJSON([2]string{"b", hash2}))
+	deadline := time.Now().Add(5 * time.Second)
+	for ids(kf.set.Load()) != "b" {
+		if time.Now().After(deadline) {
+			t.Fatalf("the watcher did not reload the file; ids = %q", ids(kf.set.Load()))
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestKeysFileCheckWhileWatching calls check while the watcher runs, as
+// Provision does when a config reload finds the file already open. Under
+// -race it fails if the two are not synchronized.
+func TestKeysFileCheckWhileWatching(t *testing.T) {
+	saved := keysFilePollInterval
+	keysFilePollInterval = time.Millisecond
+	t.Cleanup(func() { keysFilePollInterval = saved })
+	path := filepath.Join(t.TempDir(), "keys.json")
+	writeKeysFile(t, path, keysJSON([2]string{"k0", hash1}))
+	kf := openTestKeysFile(t, path)
+
+	hashes := []string{hash1, hash2, hash3, hash4}
+	for i := 1; i <= 20; i++ {
+		writeKeysFile(t, path, keysJSON([2]string{fmt.Sprintf("k%d", i), hashes[i%len(hashes)]}))
+		_ = kf.check() // the watcher may have read a file mid-rename
+		time.Sleep(2 * time.Millisecond)
+	}
+	if err := kf.check(); err != nil {
+		t.Fatalf("check: %v", err)
+	}
+	if got := ids(kf.set.Load()); got != "k20" {
+		t.Errorf("ids = %q, want k20", got)
+	}
+}
