@@ -82,7 +82,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			for _, other := range h.From {
 				if strings.EqualFold(other.Source, src.Source) && sameSourceName(src, other) {
-					return d.Errf("duplicate from %s %s", src.Source, src.Name)
+					return d.Errf("duplicate from %s", src.String())
 				}
 			}
 			h.From = append(h.From, src)
@@ -121,7 +121,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				if _, err := parseDigest(k.Key); err != nil {
 					return d.Errf("key %s: %v", k.ID, err)
 				}
-			case strings.Contains(k.Key, "{"):
+			case strings.Contains(k.Key, "{env.") || strings.Contains(k.Key, "{file."):
 				// A placeholder, expanded at provision.
 			default:
 				if !validKey(k.Key) {

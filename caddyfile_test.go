@@ -545,7 +545,7 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{
 			name:  "rate with negative duration",
 			input: "api_key {\n\tkeys_file k.json\n\trate 10/-1m\n}",
-			want:  `rate "10/-1m": `,
+			want:  `rate "10/-1m": duration must be positive`,
 			line:  3,
 		},
 		{

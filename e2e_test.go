@@ -1047,7 +1047,7 @@ func TestE2EKeysFileErrors(t *testing.T) {
 		{
 			name:    "unknown field",
 			content: `{"keys": [{"id": "a", "hash": "` + e2eHash("k1") + `", "key": "k1"}]}`,
-			problem: `keys[0]: json: unknown field "key"`,
+			problem: `keys[0] (id "a"): json: unknown field "key"`,
 		},
 	}
 	for _, tt := range tests {

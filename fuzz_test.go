@@ -32,7 +32,7 @@ const (
 	bitCookie
 )
 
-func fuzzHandler(t *testing.T) *Handler {
+func fuzzHandler(t testing.TB) *Handler {
 	t.Helper()
 	h := new(Handler)
 	for _, s := range fuzzSources {
@@ -154,8 +154,8 @@ func FuzzExtract(f *testing.F) {
 	for _, s := range seeds {
 		f.Add(s.auth, s.xkey, s.query, s.cookie)
 	}
+	h := fuzzHandler(f)
 	f.Fuzz(func(t *testing.T, auth, xkey, rawQuery, cookie string) {
-		h := fuzzHandler(t)
 		r := httptest.NewRequest(http.MethodGet, "http://example.com/path", nil)
 		r.URL.RawQuery = rawQuery
 		r.RequestURI = r.URL.RequestURI()
@@ -458,12 +458,14 @@ func rewriteKeysFile(t *testing.T, set *keySet) []byte {
 			Name:     rec.name,
 			Owner:    rec.owner,
 			Metadata: rec.metadata,
-			Burst:    rec.burst,
+		}
+		if rec.burst != 0 {
+			e.Burst = &rec.burst
 		}
 		switch rec.limitMode {
 		case limitOwn:
 			e.Rate = fmt.Sprintf("%d/%s", rec.limit.Count, rec.limit.Period)
-			e.Burst = rec.limit.Burst
+			e.Burst = &rec.limit.Burst
 		case limitOff:
 			e.Rate = "off"
 		}
@@ -533,8 +535,10 @@ func FuzzParseRate(f *testing.F) {
 	})
 }
 
-// checkBurst checks that a key never seen is admitted exactly Burst
-// requests at one instant, then admitted again once RetryAfter has passed.
+// checkBurst checks that a key never seen is admitted its first request,
+// never more than Burst requests at one instant, and, when the burst is
+// worth at most a year of allowance, exactly Burst requests and then
+// again once RetryAfter has passed.
 func checkBurst(t *testing.T, lim ratelimit.Limit) {
 	t.Helper()
 	const now = int64(1000 * time.Second)
@@ -545,14 +549,26 @@ func checkBurst(t *testing.T, lim ratelimit.Limit) {
 	if lim.Burst > 1000 {
 		return
 	}
-	for i := int64(2); i <= lim.Burst; i++ {
-		tat, d = lim.Decide(tat, now)
+	exact := lim.Burst <= int64(366*24*time.Hour)/int64(lim.Interval())
+	admitted := int64(1)
+	for ; admitted <= lim.Burst; admitted++ {
+		next, d := lim.Decide(tat, now)
 		if !d.Allowed {
-			t.Fatalf("%v: request %d of the burst was denied: %+v", lim, i, d)
+			break
 		}
-		if d.Remaining != lim.Burst-i {
-			t.Fatalf("%v: request %d: remaining %d, want %d", lim, i, d.Remaining, lim.Burst-i)
+		tat = next
+		if exact && d.Remaining != lim.Burst-admitted-1 {
+			t.Fatalf("%v: request %d: remaining %d, want %d", lim, admitted+1, d.Remaining, lim.Burst-admitted-1)
 		}
+	}
+	if admitted > lim.Burst {
+		t.Fatalf("%v: admitted %d requests at one instant", lim, admitted)
+	}
+	if !exact {
+		return
+	}
+	if admitted != lim.Burst {
+		t.Fatalf("%v: admitted %d requests at one instant, want %d", lim, admitted, lim.Burst)
 	}
 	tat2, d := lim.Decide(tat, now)
 	if d.Allowed {

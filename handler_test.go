@@ -30,6 +30,19 @@ const (
 	testKeyB = "test_key_bravo"
 )
 
+// TestMain quiets the development logger that caddy.Context gives modules
+// provisioned outside a config (it writes to os.Stderr, with a stack trace
+// for every warning); APIKEY_TEST_LOGS=1 keeps it. The end-to-end tests
+// send Caddy's logs to files of their own.
+func TestMain(m *testing.M) {
+	if os.Getenv("APIKEY_TEST_LOGS") == "" {
+		if null, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0); err == nil {
+			os.Stderr = null
+		}
+	}
+	os.Exit(m.Run())
+}
+
 // newTestHandler provisions h as Caddy would and cleans it up after the
 // test. It returns the handler and the context's cancel.
 func newTestHandler(t testing.TB, h *Handler) *Handler {

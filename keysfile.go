@@ -10,6 +10,7 @@ import (
 	"hash/maphash"
 	"io"
 	"os"
+	"reflect"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -115,7 +116,7 @@ type keyFileEntry struct {
 	Name     string            `json:"name,omitempty"`
 	Owner    string            `json:"owner,omitempty"`
 	Rate     string            `json:"rate,omitempty"`
-	Burst    int64             `json:"burst,omitempty"`
+	Burst    *int64            `json:"burst,omitempty"`
 	Metadata map[string]string `json:"metadata,omitempty"`
 }
 
@@ -142,7 +143,7 @@ func parseKeysFile(data []byte) (*keySet, error) {
 			return fmt.Errorf("invalid JSON at line %d, column %d: %v", line, col, se)
 		case errors.As(whole, &ute):
 			line, col := lineCol(data, ute.Offset)
-			return fmt.Errorf("line %d, column %d: %s must be a %s, not a JSON %s", line, col, fieldName(ute), ute.Type, ute.Value)
+			return fmt.Errorf("line %d, column %d: %s must be %s, not a JSON %s", line, col, fieldName(ute), typeName(ute.Type), ute.Value)
 		}
 		return err
 	}
@@ -152,7 +153,7 @@ func parseKeysFile(data []byte) (*keySet, error) {
 			return syntaxErr(err)
 		}
 		if d, ok := tok.(json.Delim); !ok || d != want {
-			return fmt.Errorf("expected %s, found %v", what, tok)
+			return fmt.Errorf("expected %s, found %s", what, tokenText(tok))
 		}
 		return nil
 	}
@@ -183,7 +184,7 @@ func parseKeysFile(data []byte) (*keySet, error) {
 		for i := 0; dec.More(); i++ {
 			var e keyFileEntry
 			if err := dec.Decode(&e); err != nil {
-				return nil, fmt.Errorf("keys[%d]: %w", i, syntaxErr(err))
+				return nil, fmt.Errorf("keys[%d]%s: %w", i, idLabel(e.ID), syntaxErr(err))
 			}
 			rec, err := e.record()
 			if err != nil {
@@ -214,11 +215,35 @@ func parseKeysFile(data []byte) (*keySet, error) {
 	return set, nil
 }
 
+// tokenText shows a JSON token in an error: strings quoted, so that no
+// control character reaches a log line as it is.
+func tokenText(tok json.Token) string {
+	if str, ok := tok.(string); ok {
+		return fmt.Sprintf("%q", str)
+	}
+	return fmt.Sprint(tok)
+}
+
 func idLabel(id string) string {
 	if id == "" {
 		return ""
 	}
 	return fmt.Sprintf(" (id %q)", id)
+}
+
+// typeName says in JSON's words what a Go type wants.
+func typeName(t reflect.Type) string {
+	switch t.Kind() {
+	case reflect.Int64, reflect.Int:
+		return "a whole number"
+	case reflect.String:
+		return "a string"
+	case reflect.Map, reflect.Struct:
+		return "an object"
+	case reflect.Slice:
+		return "an array"
+	}
+	return "a " + t.String()
 }
 
 func fieldName(ute *json.UnmarshalTypeError) string {
@@ -260,29 +285,28 @@ func (e keyFileEntry) record() (*keyRecord, error) {
 	if len(e.Metadata) > 0 {
 		rec.metadata = e.Metadata
 	}
-	switch e.Rate {
-	case "":
-		if e.Burst != 0 {
-			if err := ratelimit.ValidateBurst(e.Burst); err != nil {
-				return nil, fmt.Errorf(`"burst": %w`, err)
-			}
-			rec.burst = e.Burst
-		}
-	case "off":
-		if e.Burst != 0 {
+	if e.Burst != nil {
+		if e.Rate == "off" {
 			return nil, errors.New(`"burst" makes no sense with "rate": "off"`)
 		}
+		if err := ratelimit.ValidateBurst(*e.Burst); err != nil {
+			return nil, fmt.Errorf(`"burst": %w`, err)
+		}
+	}
+	switch e.Rate {
+	case "":
+		if e.Burst != nil {
+			rec.burst = *e.Burst
+		}
+	case "off":
 		rec.limitMode = limitOff
 	default:
 		lim, err := ratelimit.ParseRate(e.Rate)
 		if err != nil {
 			return nil, fmt.Errorf(`"rate": %w`, err)
 		}
-		if e.Burst != 0 {
-			if err := ratelimit.ValidateBurst(e.Burst); err != nil {
-				return nil, fmt.Errorf(`"burst": %w`, err)
-			}
-			lim.Burst = e.Burst
+		if e.Burst != nil {
+			lim.Burst = *e.Burst
 		}
 		rec.limitMode = limitOwn
 		rec.limit = lim
@@ -364,6 +388,7 @@ type keysFile struct {
 	logger atomic.Pointer[zap.Logger] // the newest config's
 	set    atomic.Pointer[keySet]
 
+	mu      sync.Mutex // serializes check: the watcher and config reloads call it
 	stamp   fileStamp
 	sum     [32]byte
 	stop    chan struct{}
@@ -447,6 +472,8 @@ func (kf *keysFile) watch() {
 // check reloads the file if it changed. A file that is missing or broken
 // leaves the current keys in place and returns the reason.
 func (kf *keysFile) check() error {
+	kf.mu.Lock()
+	defer kf.mu.Unlock()
 	stamp, err := statFile(kf.path)
 	if err != nil {
 		return fmt.Errorf("keys file %s: %w", kf.path, err)

@@ -107,13 +107,6 @@ func TestParseKeysFile(t *testing.T) {
 			},
 		},
 		{
-			// Zero is how JSON spells "not set", as elsewhere in Caddy's
-			// config.
-			name: "burst 0 means no burst",
-			data: `{"keys": [{"id": "a", "hash": "` + hash1 + `", "burst": 0}]}`,
-			want: []wantRecord{{id: "a", hash: hash1}},
-		},
-		{
 			name: "longest id",
 			data: `{"keys": [{"id": "` + strings.Repeat("i", 128) + `", "hash": "` + hash1 + `"}]}`,
 			want: []wantRecord{{id: strings.Repeat("i", 128), hash: hash1}},
@@ -186,7 +179,7 @@ func TestParseKeysFileErrors(t *testing.T) {
 			// before it.
 			name: "missing comma between entries",
 			data: "{\"keys\": [\n  " + entryA + "\n  " + entryA + "\n]}",
-			want: "keys[1]: invalid JSON at line 3, column 3: expected comma after array element",
+			want: "keys[1]: invalid JSON at line 3, column 3: invalid character '{' after array element",
 		},
 		{
 			// The "x" is at line 2, column 2.
@@ -199,7 +192,7 @@ func TestParseKeysFileErrors(t *testing.T) {
 		{name: "truncated after the array", data: `{"keys": [` + entryA + `]`, want: "unexpected end of file (truncated JSON?)"},
 		{name: "truncated after the brace", data: `{`, want: "unexpected end of file (truncated JSON?)"},
 		{name: "top level is an array", data: `[` + entryA + `]`, want: `expected a JSON object {"keys": [...]}, found [`},
-		{name: "top level is a string", data: `"keys"`, want: `expected a JSON object {"keys": [...]}, found keys`},
+		{name: "top level is a string", data: `"keys"`, want: `expected a JSON object {"keys": [...]}, found "keys"`},
 		{name: "top level is null", data: `null`, want: `expected a JSON object {"keys": [...]}, found <nil>`},
 		{name: "keys is an object", data: `{"keys": {}}`, want: `expected an array after "keys", found {`},
 		{name: "keys is null", data: `{"keys": null}`, want: `expected an array after "keys", found <nil>`},
@@ -210,19 +203,19 @@ func TestParseKeysFileErrors(t *testing.T) {
 		{
 			name: "unknown entry field",
 			data: `{"keys": [` + entryA + `, {"id": "b", "hash": "` + hash2 + `", "rat": "10/1m"}]}`,
-			want: `keys[1]: json: unknown field "rat"`,
+			want: `keys[1] (id "b"): json: unknown field "rat"`,
 		},
 		{
 			name:  "burst as a string",
 			data:  "{\"keys\": [\n  " + entryA + ",\n  {\"id\": \"b\",\n   \"hash\": \"" + hash2 + "\",\n   \"burst\": \"5\"}\n]}",
-			match: `^keys\[1\]: line 5, column \d+: "burst" must be a int64, not a JSON string$`,
+			match: `^keys\[1\] \(id "b"\): line 5, column \d+: "burst" must be a whole number, not a JSON string$`,
 		},
 		{
 			name:  "metadata value not a string",
 			data:  `{"keys": [{"id": "a", "hash": "` + hash1 + `", "metadata": {"plan": 3}}]}`,
-			match: `^keys\[0\]: line 1, column \d+: "metadata" must be a string, not a JSON number$`,
+			match: `^keys\[0\] \(id "a"\): line 1, column \d+: "metadata" must be a string, not a JSON number$`,
 		},
-		{name: "entry not an object", data: `{"keys": ["a"]}`, match: `^keys\[0\]: line 1, column \d+: value must be a apikey\.keyFileEntry, not a JSON string$`},
+		{name: "entry not an object", data: `{"keys": ["a"]}`, match: `^keys\[0\]: line 1, column \d+: value must be an object, not a JSON string$`},
 		{name: "missing id", data: `{"keys": [{"hash": "` + hash1 + `"}]}`, want: `keys[0]: missing "id"`},
 		{name: "missing hash", data: `{"keys": [{"id": "a"}]}`, want: `keys[0] (id "a"): missing "hash" (sha256:<64 hex digits>)`},
 		{
@@ -278,6 +271,11 @@ func TestParseKeysFileErrors(t *testing.T) {
 		{
 			name: "negative burst without rate",
 			data: `{"keys": [{"id": "a", "hash": "` + hash1 + `", "burst": -1}]}`,
+			want: `keys[0] (id "a"): "burst": burst must be a whole number from 1 to 1000000000`,
+		},
+		{
+			name: "burst zero",
+			data: `{"keys": [{"id": "a", "hash": "` + hash1 + `", "burst": 0}]}`,
 			want: `keys[0] (id "a"): "burst": burst must be a whole number from 1 to 1000000000`,
 		},
 		{

@@ -104,6 +104,13 @@ type KeySource struct {
 	Name string `json:"name,omitempty"`
 }
 
+func (s KeySource) String() string {
+	if s.Name == "" {
+		return s.Source
+	}
+	return s.Source + " " + s.Name
+}
+
 // InlineKey is one key given in the config.
 type InlineKey struct {
 	// ID names the key in logs and placeholders.

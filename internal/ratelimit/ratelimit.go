@@ -55,7 +55,7 @@ func ParseRate(s string) (Limit, error) {
 	if err != nil || count <= 0 || count > MaxCount {
 		return Limit{}, fmt.Errorf("rate %q: count must be a whole number from 1 to %d", s, MaxCount)
 	}
-	if durStr != "" && (durStr[0] >= 'a' && durStr[0] <= 'z') {
+	if durStr != "" && !strings.ContainsAny(durStr, "0123456789") {
 		durStr = "1" + durStr // "10/s" is ten a second
 	}
 	period, err := parseDuration(durStr)
@@ -120,7 +120,12 @@ type Decision struct {
 // allowed while tat stays within burst intervals of now.
 func (l Limit) Decide(tat, now int64) (int64, Decision) {
 	interval := int64(l.Interval())
-	window := interval * l.Burst
+	// The window is burst intervals, capped far beyond any real limit
+	// (146 years) so that a huge burst cannot overflow it.
+	window := int64(1) << 62
+	if l.Burst < window/interval {
+		window = interval * l.Burst
+	}
 	if tat < now {
 		tat = now
 	}
