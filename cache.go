@@ -2,6 +2,7 @@ package apikey
 
 import (
 	"encoding/binary"
+	"sync/atomic"
 	"time"
 
 	"github.com/dgraph-io/ristretto/v2"
@@ -22,11 +23,25 @@ import (
 //     entry, and the caller then reads the key set again.
 //   - Each entry costs 1 against MaxCost (internal cost ignored), so size
 //     is the number of entries it keeps.
+//   - After close it answers nothing and keeps nothing. On a config reload
+//     Caddy cleans up the old handlers while their last requests may still
+//     run, and ristretto panics if used while it closes, so the ristretto
+//     cache itself is closed a little later, when no request can reach it.
 type keyCache struct {
 	c      *ristretto.Cache[uint64, *cacheEntry]
 	ttl    time.Duration
 	negTTL time.Duration
+	closed atomic.Bool
 }
+
+// cacheCloseDelay is how long a closed cache waits before it stops
+// ristretto: far longer than a request takes from its check of closed to
+// its ristretto call.
+var cacheCloseDelay = time.Second
+
+// maxCacheSize bounds the size setting: ristretto allocates counters for
+// ten times the size up front.
+const maxCacheSize = 1 << 24
 
 type cacheEntry struct {
 	digest [32]byte
@@ -50,6 +65,9 @@ func newKeyCache(size int64, ttl, negTTL time.Duration) (*keyCache, error) {
 // get returns the cached lookup of digest in the set of generation gen: the
 // record (nil if the key is known not to exist) and whether there was one.
 func (kc *keyCache) get(digest *[32]byte, gen uint64) (*keyRecord, bool) {
+	if kc.closed.Load() {
+		return nil, false
+	}
 	e, ok := kc.c.Get(binary.LittleEndian.Uint64(digest[:8]))
 	if !ok || e.gen != gen || e.digest != *digest {
 		return nil, false
@@ -59,6 +77,9 @@ func (kc *keyCache) get(digest *[32]byte, gen uint64) (*keyRecord, bool) {
 
 // put remembers the lookup of digest in the set of generation gen.
 func (kc *keyCache) put(digest *[32]byte, gen uint64, rec *keyRecord) {
+	if kc.closed.Load() {
+		return
+	}
 	ttl := kc.ttl
 	if rec == nil {
 		ttl = kc.negTTL
@@ -66,4 +87,10 @@ func (kc *keyCache) put(digest *[32]byte, gen uint64, rec *keyRecord) {
 	kc.c.SetWithTTL(binary.LittleEndian.Uint64(digest[:8]), &cacheEntry{digest: *digest, gen: gen, rec: rec}, 1, ttl)
 }
 
-func (kc *keyCache) close() { kc.c.Close() }
+// close stops the cache at once and ristretto after cacheCloseDelay.
+func (kc *keyCache) close() {
+	if kc.closed.Swap(true) {
+		return
+	}
+	time.AfterFunc(cacheCloseDelay, kc.c.Close)
+}

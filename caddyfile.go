@@ -100,21 +100,23 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 
 		case "key":
+			// The tokens are not quoted in errors until they are known
+			// to be an id: with the id forgotten, the first is the key.
 			var k InlineKey
-			if !d.NextArg() {
-				return d.Errf("key: missing id")
+			args := d.RemainingArgs()
+			switch {
+			case len(args) == 0:
+				return d.Err("key: missing id and key")
+			case len(args) == 1:
+				return d.Err("key: want <id> <key or sha256:hash>, got one argument (an unset {$VAR} leaves the key out)")
+			case len(args) > 2:
+				return d.Err("key: too many arguments; want <id> <key or sha256:hash>")
+			case args[1] == "":
+				return d.Err("key: the key is empty (is its {$VAR} set?)")
 			}
-			k.ID = d.Val()
-			if err := checkID(k.ID); err != nil {
-				return d.Errf("key %q: %v", k.ID, err)
-			}
-			if !d.NextArg() || d.Val() == "" {
-				return d.Errf("key %s: missing key or sha256:<hex> hash (an unset {$VAR} leaves it empty)", k.ID)
-			}
-			k.Key = d.Val()
-			if d.NextArg() {
-				// Not quoted: it may be a key.
-				return d.Errf("key %s: too many arguments", k.ID)
+			k.ID, k.Key = args[0], args[1]
+			if checkID(k.ID) != nil {
+				return d.Errf("key: invalid id: use 1 to 128 visible ASCII characters other than quotes and backslash")
 			}
 			switch {
 			case strings.HasPrefix(k.Key, digestPrefix):
@@ -258,5 +260,3 @@ func (c *CacheConfig) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 	return nil
 }
-
-var _ caddyfile.Unmarshaler = (*Handler)(nil)

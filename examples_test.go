@@ -263,11 +263,11 @@ func serveQuickstart(t *testing.T, adapted []byte) {
 			apiKey: e2eInvalid},
 		// 60/1m with bursts of 10: one request's worth comes back each
 		// second.
-		{name: "acme bearer", uri: "/acme", header: bearer(qsAcme), status: 200, body: acmeBody,
+		{name: "acme X-API-Key", uri: "/acme-header", header: xAPIKey(qsAcme), status: 200, body: acmeBody,
 			want: map[string]string{"Content-Type": textType, "Ratelimit-Policy": acmeRules,
 				"Ratelimit": `"default";r=9;t=1`},
 			userID: "acme-prod", apiKey: e2eOK("acme-prod")},
-		{name: "acme X-API-Key", uri: "/acme-header", header: xAPIKey(qsAcme), status: 200, body: acmeBody,
+		{name: "acme bearer", uri: "/acme", header: bearer(qsAcme), status: 200, body: acmeBody,
 			want: map[string]string{"Content-Type": textType, "Ratelimit-Policy": acmeRules,
 				"Ratelimit": `"default";r=8;t=2`},
 			userID: "acme-prod", apiKey: e2eOK("acme-prod")},

@@ -90,7 +90,7 @@ func cookieParts(lines []string) []string {
 
 func cookieName(part string) string {
 	name, _, _ := strings.Cut(part, "=")
-	return name
+	return strings.TrimSpace(name)
 }
 
 // isBearer reports whether an Authorization value uses the Bearer scheme,
@@ -232,8 +232,8 @@ func FuzzExtract(f *testing.F) {
 		})
 		var cvals []string
 		for _, p := range cookieParts(r.Header["Cookie"]) {
-			if name, v, _ := strings.Cut(p, "="); name == "k" {
-				cvals = append(cvals, v)
+			if name, v, _ := strings.Cut(p, "="); strings.TrimSpace(name) == "k" {
+				cvals = append(cvals, strings.TrimSpace(v))
 			}
 		}
 		checkSource(t, "cookie", found&bitCookie != 0, len(cvals) > 0, func() bool {
@@ -431,15 +431,15 @@ func checkKeySet(t *testing.T, set *keySet) {
 				t.Fatalf("key %q: bad own limit %+v, burst %d", rec.id, l, rec.burst)
 			}
 			if want := policyValue("key", l); rec.policy != want {
-				t.Fatalf("key %q: policy %q, want %q", rec.id, rec.policy, want)
+				t.Fatalf("key %q: policy %+v, want %+v", rec.id, rec.policy, want)
 			}
 		case limitOff:
-			if !rec.limit.IsZero() || rec.burst != 0 || rec.policy != "" {
-				t.Fatalf("key %q: rate off but limit %+v, burst %d, policy %q", rec.id, rec.limit, rec.burst, rec.policy)
+			if !rec.limit.IsZero() || rec.burst != 0 || rec.policy != (policy{}) {
+				t.Fatalf("key %q: rate off but limit %+v, burst %d, policy %+v", rec.id, rec.limit, rec.burst, rec.policy)
 			}
 		case limitInherit:
-			if !rec.limit.IsZero() || rec.policy != "" || (rec.burst != 0 && ratelimit.ValidateBurst(rec.burst) != nil) {
-				t.Fatalf("key %q: inherits but limit %+v, burst %d, policy %q", rec.id, rec.limit, rec.burst, rec.policy)
+			if !rec.limit.IsZero() || rec.policy != (policy{}) || (rec.burst != 0 && ratelimit.ValidateBurst(rec.burst) != nil) {
+				t.Fatalf("key %q: inherits but limit %+v, burst %d, policy %+v", rec.id, rec.limit, rec.burst, rec.policy)
 			}
 		default:
 			t.Fatalf("key %q: limit mode %d", rec.id, rec.limitMode)

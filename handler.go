@@ -37,6 +37,9 @@ var (
 // maxKeyLen is the longest key looked up; a longer value is invalid.
 const maxKeyLen = 512
 
+// maxSources is how many sources extract can tell apart (bits of found).
+const maxSources = 64
+
 // ServeHTTP checks the request's key and hands the request on when the key
 // is known and within its rate limit.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
@@ -55,9 +58,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return h.reject(w, r, repl, outcomeInvalid)
 	}
 
-	if lim, policy := h.limitOf(rec); lim.Count != 0 {
-		d := h.limiter.decide(rec.id, rec.idHash, lim)
-		setRateHeaders(w.Header(), policy, d)
+	// The key leaves the request before anything else sees it, including
+	// handle_errors after a 429.
+	if !h.PassKey {
+		h.removeKey(r, found)
+	}
+	if lim, pol := h.limitOf(rec); lim.Count != 0 {
+		d := h.limiter.decide(&rec.digest, lim)
+		setRateHeaders(w.Header(), pol, d)
 		if !d.Allowed {
 			h.setIdentity(r, repl, rec, (*logRateLimited)(rec))
 			if repl != nil {
@@ -69,9 +77,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 
 	h.setIdentity(r, repl, rec, (*logOK)(rec))
-	if !h.PassKey {
-		h.removeKey(r, found)
-	}
 	return next.ServeHTTP(w, r)
 }
 
@@ -97,18 +102,18 @@ func (h *Handler) find(digest *[32]byte) *keyRecord {
 
 // limitOf returns the rate limit that applies to rec and its
 // RateLimit-Policy value; a zero limit when none applies.
-func (h *Handler) limitOf(rec *keyRecord) (ratelimit.Limit, string) {
+func (h *Handler) limitOf(rec *keyRecord) (ratelimit.Limit, *policy) {
 	switch rec.limitMode {
 	case limitOwn:
-		return rec.limit, rec.policy
+		return rec.limit, &rec.policy
 	case limitOff:
-		return ratelimit.Limit{}, ""
+		return ratelimit.Limit{}, nil
 	}
 	lim := h.defaultLimit
 	if rec.burst != 0 && lim.Count != 0 {
 		lim.Burst = rec.burst
 	}
-	return lim, h.defaultPolicy
+	return lim, &h.defaultPolicy
 }
 
 // rateHeaders holds the RateLimit and RateLimit-Policy header values of one
@@ -124,18 +129,16 @@ type rateHeaders struct {
 // setRateHeaders sets RateLimit-Policy and RateLimit, as in
 // draft-ietf-httpapi-ratelimit-headers-10: r is the number of requests
 // left now, t the seconds until the full burst is back.
-func setRateHeaders(hdr http.Header, policy string, d ratelimit.Decision) {
+func setRateHeaders(hdr http.Header, pol *policy, d ratelimit.Decision) {
 	rh := new(rateHeaders)
-	// The RateLimit value names the same policy: the text up to ";q=".
-	name, _, _ := strings.Cut(policy, ";")
-	b := append(rh.buf[:0], name...)
+	b := append(rh.buf[:0], pol.rateLabel...)
 	b = append(b, ";r="...)
 	b = strconv.AppendInt(b, d.Remaining, 10)
 	b = append(b, ";t="...)
 	b = strconv.AppendInt(b, ratelimit.CeilSeconds(d.Reset), 10)
 	// The bytes are never written again, so they can back a string.
 	rh.rateLimit[0] = unsafe.String(unsafe.SliceData(b), len(b))
-	rh.policy[0] = policy
+	rh.policy[0] = pol.header
 	hdr["Ratelimit-Policy"] = rh.policy[:]
 	hdr["Ratelimit"] = rh.rateLimit[:]
 }
@@ -356,10 +359,11 @@ func scanCookies(line, name string, c *collector) {
 	for line != "" {
 		var part string
 		part, line, _ = strings.Cut(line, ";")
-		k, v, _ := strings.Cut(strings.TrimSpace(part), "=")
-		if k != name {
+		k, v, _ := strings.Cut(part, "=")
+		if strings.TrimSpace(k) != name {
 			continue
 		}
+		v = strings.TrimSpace(v)
 		if len(v) >= 2 && v[0] == '"' && v[len(v)-1] == '"' {
 			v = v[1 : len(v)-1]
 		}
@@ -434,7 +438,7 @@ func withoutCookie(line, name string) string {
 		var part string
 		part, line, _ = strings.Cut(line, ";")
 		part = strings.TrimSpace(part)
-		if k, _, _ := strings.Cut(part, "="); k == name || part == "" {
+		if k, _, _ := strings.Cut(part, "="); strings.TrimSpace(k) == name || part == "" {
 			continue
 		}
 		if b.Len() > 0 {

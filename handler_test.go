@@ -269,6 +269,9 @@ func TestServeHTTPRateLimit(t *testing.T) {
 		if got := p.w.hdr.Get("Retry-After"); got != s.wantRetry {
 			t.Errorf("step %d: Retry-After = %q, want %q", i, got, s.wantRetry)
 		}
+		if got := p.r.Header.Get("X-Api-Key"); got != "" {
+			t.Errorf("step %d: the key is still in the request handed on (or to handle_errors)", i)
+		}
 		if s.wantStatus == 429 {
 			if got, _ := p.repl.GetString("http.api_key.outcome"); got != outcomeRateLimited {
 				t.Errorf("step %d: outcome = %q", i, got)
@@ -301,9 +304,13 @@ func TestLimitOf(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			h := newTestHandler(t, &Handler{Keys: []InlineKey{{ID: "a", Key: testKeyA}}, Rate: tt.handler, Burst: tt.burst})
-			lim, policy := h.limitOf(&tt.rec)
-			if lim != tt.wantLimit || policy != tt.wantPolicy {
-				t.Errorf("limitOf = %+v %q, want %+v %q", lim, policy, tt.wantLimit, tt.wantPolicy)
+			lim, pol := h.limitOf(&tt.rec)
+			var got string
+			if pol != nil && lim.Count != 0 {
+				got = pol.header
+			}
+			if lim != tt.wantLimit || got != tt.wantPolicy {
+				t.Errorf("limitOf = %+v %q, want %+v %q", lim, got, tt.wantLimit, tt.wantPolicy)
 			}
 		})
 	}
@@ -348,8 +355,10 @@ func TestLimiterSweep(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for i := range 1000 {
-		l.decide(fmt.Sprint("key-", i), uint64(i), lim)
+	digests := make([][32]byte, 1000)
+	for i := range digests {
+		digests[i] = sha256.Sum256([]byte(fmt.Sprint("key-", i)))
+		l.decide(&digests[i], lim)
 	}
 	if got := l.len(); got != 1000 {
 		t.Fatalf("states = %d, want 1000", got)
@@ -358,7 +367,7 @@ func TestLimiterSweep(t *testing.T) {
 		t.Fatalf("sweep dropped %d busy states, want 0", got)
 	}
 	clock.advance(499 * time.Millisecond)
-	l.decide("key-1", 1, lim) // busy again: must survive the sweep
+	l.decide(&digests[1], lim) // busy again: must survive the sweep
 	clock.advance(2 * time.Millisecond)
 	if got := l.sweep(); got != 999 {
 		t.Fatalf("sweep dropped %d, want 999", got)
@@ -374,15 +383,21 @@ func TestLimiterStateKeyedByLimit(t *testing.T) {
 	l := newLimiter(clock.now)
 	a := ratelimit.Limit{Count: 1, Period: time.Minute, Burst: 1}
 	b := ratelimit.Limit{Count: 2, Period: time.Minute, Burst: 2}
-	if !l.decide("k", 1, a).Allowed || l.decide("k", 1, a).Allowed {
+	k := sha256.Sum256([]byte("k"))
+	other := sha256.Sum256([]byte("other"))
+	if !l.decide(&k, a).Allowed || l.decide(&k, a).Allowed {
 		t.Fatal("1/1m should admit one request")
 	}
 	// A changed limit starts afresh; the unchanged one keeps its state.
-	if !l.decide("k", 1, b).Allowed {
+	if !l.decide(&k, b).Allowed {
 		t.Error("a new limit for the key should start with a full burst")
 	}
-	if l.decide("k", 1, a).Allowed {
+	if l.decide(&k, a).Allowed {
 		t.Error("the old limit's state was lost")
+	}
+	// Another key, even one with the same id elsewhere, has its own.
+	if !l.decide(&other, a).Allowed {
+		t.Error("another key shared the first key's state")
 	}
 }
 
@@ -532,7 +547,8 @@ func TestProvisionCleanupPools(t *testing.T) {
 	before := runtime.NumGoroutine()
 	for range 200 {
 		ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
-		h := &Handler{KeysFile: path, Rate: "1/s"}
+		// A small cache: closing a large one is slow under -race.
+		h := &Handler{KeysFile: path, Rate: "1/s", Cache: &CacheConfig{Size: 100}}
 		if err := h.Provision(ctx); err != nil {
 			t.Fatal(err)
 		}
@@ -558,11 +574,69 @@ func TestProvisionCleanupPools(t *testing.T) {
 		})
 	}
 	// Goroutines of closed caches and stopped watchers may take a moment.
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(10 * time.Second)
 	for runtime.NumGoroutine() > before+2 && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	if after := runtime.NumGoroutine(); after > before+2 {
 		t.Errorf("goroutines grew from %d to %d", before, after)
+	}
+}
+
+// TestCleanupWhileServing cleans a handler up while requests still run
+// through it, as a config reload does: no panic, and the requests that
+// come after the cleanup are still answered from the key set.
+func TestCleanupWhileServing(t *testing.T) {
+	old := cacheCloseDelay
+	cacheCloseDelay = 10 * time.Millisecond
+	t.Cleanup(func() { cacheCloseDelay = old })
+	for round := range 20 {
+		ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+		h := &Handler{Keys: []InlineKey{{ID: "alpha", Key: testKeyA}}, Rate: "1000000/1s"}
+		if err := h.Provision(ctx); err != nil {
+			t.Fatal(err)
+		}
+		var next nextRecorder
+		var wg sync.WaitGroup
+		stop := make(chan struct{})
+		for g := range 4 {
+			wg.Go(func() {
+				for i := 0; ; i++ {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					key := testKeyA
+					if i%2 == 1 {
+						key = fmt.Sprint("unknown-", g, "-", i)
+					}
+					p := prepare("/", http.Header{"X-Api-Key": {key}})
+					err := h.ServeHTTP(p.w, p.r, &next)
+					if (err == nil) != (key == testKeyA) {
+						t.Errorf("round %d: key %d: err = %v", round, i%2, err)
+						return
+					}
+				}
+			})
+		}
+		time.Sleep(5 * time.Millisecond)
+		if err := h.Cleanup(); err != nil {
+			t.Fatal(err)
+		}
+		cancel()
+		time.Sleep(20 * time.Millisecond) // past cacheCloseDelay: ristretto is closed
+		close(stop)
+		wg.Wait()
+	}
+}
+
+func TestProvisionDropsPlaintextKeys(t *testing.T) {
+	t.Setenv("APIKEY_TEST_KEY", testKeyB)
+	h := newTestHandler(t, &Handler{Keys: []InlineKey{{ID: "a", Key: testKeyA}, {ID: "b", Key: "{env.APIKEY_TEST_KEY}"}}})
+	for i, want := range []string{hashOf(testKeyA), hashOf(testKeyB)} {
+		if got := h.Keys[i].Key; got != want {
+			t.Errorf("Keys[%d].Key = %q after Provision, want its digest %q", i, got, want)
+		}
 	}
 }

@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"hash/maphash"
 	"io"
 	"os"
 	"reflect"
@@ -40,14 +39,14 @@ type keyRecord struct {
 	// only the burst of the handler's rate.
 	limitMode limitMode
 	limit     ratelimit.Limit
-	policy    string
+	policy    policy
 	burst     int64
 
-	// idHash picks the limiter shard; idAny is id boxed once for the
-	// replacer and the vars; provider answers this key's placeholders.
-	idHash   uint64
-	idAny    any
-	provider caddy.ReplacerFunc
+	// The values of the key's placeholders, boxed once, and provider,
+	// which answers them; idAny is also the value of the vars entry.
+	idAny, nameAny, ownerAny any
+	metadataAny              map[string]any
+	provider                 caddy.ReplacerFunc
 }
 
 type limitMode uint8
@@ -58,13 +57,16 @@ const (
 	limitOff                      // exempt from any rate
 )
 
-var idSeed = maphash.MakeSeed()
-
 // newKeyRecord finishes a record whose fields are set: it makes what the
 // request path needs for it.
 func newKeyRecord(rec *keyRecord) *keyRecord {
-	rec.idHash = maphash.String(idSeed, rec.id)
-	rec.idAny = rec.id
+	rec.idAny, rec.nameAny, rec.ownerAny = rec.id, rec.name, rec.owner
+	if len(rec.metadata) > 0 {
+		rec.metadataAny = make(map[string]any, len(rec.metadata))
+		for k, v := range rec.metadata {
+			rec.metadataAny[k] = v
+		}
+	}
 	rec.provider = rec.replace
 	return rec
 }
@@ -82,15 +84,18 @@ func (rec *keyRecord) replace(key string) (any, bool) {
 	case "id":
 		return rec.idAny, true
 	case "name":
-		return rec.name, true
+		return rec.nameAny, true
 	case "owner":
-		return rec.owner, true
+		return rec.ownerAny, true
 	case "outcome":
 		return outcomeOK, true
 	}
 	if field, ok := strings.CutPrefix(name, "metadata."); ok {
 		// Like a missing request header, a field the key lacks is empty.
-		return rec.metadata[field], true
+		if v, ok := rec.metadataAny[field]; ok {
+			return v, true
+		}
+		return "", true
 	}
 	return nil, false
 }
@@ -416,19 +421,37 @@ func statFile(path string) (fileStamp, error) {
 
 // loadKeysFile reads and parses path once; the error names the file.
 func loadKeysFile(path string) (*keySet, fileStamp, [32]byte, error) {
-	stamp, err := statFile(path)
+	data, stamp, err := readKeysFile(path)
 	if err != nil {
-		return nil, stamp, [32]byte{}, fmt.Errorf("loading keys file %s: %w", path, err)
-	}
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, stamp, [32]byte{}, fmt.Errorf("loading keys file %s: %w", path, err)
+		return nil, stamp, [32]byte{}, err
 	}
 	set, err := parseKeysFile(data)
 	if err != nil {
 		return nil, stamp, [32]byte{}, fmt.Errorf("loading keys file %s: %w", path, err)
 	}
 	return set, stamp, sha256.Sum256(data), nil
+}
+
+// recentWrite is how new a file's modification time must be for a second
+// write to share it: file systems count mtime in ticks, some coarse.
+const recentWrite = 2 * time.Second
+
+// readKeysFile reads path and returns its stamp, the zero stamp when the
+// file was modified so recently that another write could leave the stamp
+// unchanged: then the next check reads the content again.
+func readKeysFile(path string) ([]byte, fileStamp, error) {
+	stamp, err := statFile(path)
+	if err != nil {
+		return nil, stamp, fmt.Errorf("loading keys file %s: %w", path, err)
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, stamp, fmt.Errorf("loading keys file %s: %w", path, err)
+	}
+	if time.Since(stamp.mod) < recentWrite {
+		stamp = fileStamp{}
+	}
+	return data, stamp, nil
 }
 
 func openKeysFile(path string, logger *zap.Logger) (*keysFile, error) {
@@ -481,15 +504,22 @@ func (kf *keysFile) check() error {
 	if stamp == kf.stamp {
 		return nil
 	}
-	set, stamp, sum, err := loadKeysFile(kf.path)
+	data, stamp, err := readKeysFile(kf.path)
 	if err != nil {
 		return err
 	}
-	kf.stamp = stamp
+	sum := sha256.Sum256(data)
 	if sum == kf.sum {
+		kf.stamp = stamp
 		return nil
 	}
-	kf.sum = sum
+	set, err := parseKeysFile(data)
+	if err != nil {
+		// Not parsed again until the file changes.
+		kf.stamp = stamp
+		return fmt.Errorf("loading keys file %s: %w", kf.path, err)
+	}
+	kf.stamp, kf.sum = stamp, sum
 	old := kf.set.Swap(set)
 	added, removed := diffSets(old, set)
 	if c := kf.logger.Load().Check(zapcore.InfoLevel, "keys file reloaded"); c != nil {

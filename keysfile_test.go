@@ -138,7 +138,7 @@ func assertRecord(t *testing.T, rec *keyRecord, w wantRecord) {
 	t.Helper()
 	got := wantRecord{
 		id: rec.id, name: rec.name, owner: rec.owner, hash: "sha256:" + hex.EncodeToString(rec.digest[:]),
-		metadata: rec.metadata, limitMode: rec.limitMode, limit: rec.limit, policy: rec.policy, burst: rec.burst,
+		metadata: rec.metadata, limitMode: rec.limitMode, limit: rec.limit, policy: rec.policy.header, burst: rec.burst,
 	}
 	if !reflect.DeepEqual(got, w) {
 		t.Errorf("record = %+v\nwant     %+v", got, w)
@@ -355,8 +355,17 @@ func TestLoadKeysFile(t *testing.T) {
 		if err != nil {
 			t.Fatalf("loadKeysFile: %v", err)
 		}
-		if len(set.byDigest) != 1 || stamp.size == 0 || sum == ([32]byte{}) {
+		// A file written this instant gets the zero stamp, so that a
+		// second write in the same mtime tick is not missed.
+		if len(set.byDigest) != 1 || stamp != (fileStamp{}) || sum == ([32]byte{}) {
 			t.Errorf("got %d keys, stamp %+v, sum %x", len(set.byDigest), stamp, sum)
+		}
+		old := time.Now().Add(-time.Minute)
+		if err := os.Chtimes(good, old, old); err != nil {
+			t.Fatal(err)
+		}
+		if _, stamp, _, err := loadKeysFile(good); err != nil || stamp.size == 0 || !stamp.mod.Equal(old) {
+			t.Errorf("stamp of an older file = %+v, %v", stamp, err)
 		}
 	})
 	tests := []struct {

@@ -12,7 +12,8 @@ import (
 
 // limiterPoolKey names the one limiter of a Caddy process in the usage pool.
 // Every api_key handler shares it, so a key's limit counts across sites that
-// give it the same limit, and its state survives config reloads.
+// accept the same key with the same limit, and its state survives config
+// reloads.
 const limiterPoolKey = "api_key.limiter"
 
 // limiterSweepInterval is how often state that no longer matters (a key
@@ -23,7 +24,9 @@ const limiterShards = 64
 
 // limiter keeps one GCRA state (an int64) per key and limit. A decision
 // reads and writes the state under its shard's lock, so concurrent requests
-// with one key are counted exactly.
+// with one key are counted exactly. States are keyed by the key's digest,
+// not its id: ids are unique only within one keys file or site, and two
+// keys that share an id must not share a limit.
 type limiter struct {
 	shards [limiterShards]limiterShard
 	clock  func() int64
@@ -34,14 +37,14 @@ type limiter struct {
 
 type limiterShard struct {
 	mu   sync.Mutex
-	tats map[bucketKey]int64
-	_    [40]byte // keep shards on separate cache lines
+	tats map[bucketKey]*int64
+	_    [48]byte // keep shards on separate cache lines
 }
 
-// bucketKey is what a state belongs to: a key id and its limit. A key whose
+// bucketKey is what a state belongs to: a key and its limit. A key whose
 // limit changes starts afresh; one whose limit is unchanged keeps its state.
 type bucketKey struct {
-	id       string
+	digest   [32]byte
 	interval time.Duration
 	burst    int64
 }
@@ -55,7 +58,7 @@ func monotonicClock() func() int64 {
 func newLimiter(clock func() int64) *limiter {
 	l := &limiter{clock: clock, stop: make(chan struct{})}
 	for i := range l.shards {
-		l.shards[i].tats = make(map[bucketKey]int64)
+		l.shards[i].tats = make(map[bucketKey]*int64)
 	}
 	return l
 }
@@ -78,15 +81,20 @@ func (l *limiter) startSweeper(every time.Duration) {
 	}()
 }
 
-// decide counts one request by the key with id (whose hash is idHash)
-// against lim.
-func (l *limiter) decide(id string, idHash uint64, lim ratelimit.Limit) ratelimit.Decision {
+// decide counts one request by the key with this digest against lim.
+func (l *limiter) decide(digest *[32]byte, lim ratelimit.Limit) ratelimit.Decision {
 	now := l.clock()
-	k := bucketKey{id: id, interval: lim.Interval(), burst: lim.Burst}
-	s := &l.shards[idHash%limiterShards]
+	k := bucketKey{digest: *digest, interval: lim.Interval(), burst: lim.Burst}
+	// The digest is uniformly random, so any byte of it picks a shard.
+	s := &l.shards[digest[31]%limiterShards]
 	s.mu.Lock()
-	tat, d := lim.Decide(s.tats[k], now)
-	s.tats[k] = tat
+	tat := s.tats[k]
+	if tat == nil {
+		tat = new(int64)
+		s.tats[k] = tat
+	}
+	var d ratelimit.Decision
+	*tat, d = lim.Decide(*tat, now)
 	s.mu.Unlock()
 	return d
 }
@@ -100,7 +108,7 @@ func (l *limiter) sweep() int {
 		s := &l.shards[i]
 		s.mu.Lock()
 		for k, tat := range s.tats {
-			if tat <= now {
+			if *tat <= now {
 				delete(s.tats, k)
 				dropped++
 			}
@@ -130,11 +138,28 @@ func (l *limiter) Destruct() error {
 }
 
 // policyValue is the RateLimit-Policy header value of a limit, as in
-// draft-ietf-httpapi-ratelimit-headers-10: a quota of count requests in a
-// window of the period's seconds.
-func policyValue(name string, lim ratelimit.Limit) string {
+// draft-ietf-httpapi-ratelimit-headers-10: a quota of q requests in a
+// window of w seconds. The header counts in whole seconds, so a period
+// that is not one (such as 100ms) is told as the quota of the whole
+// seconds that cover it.
+func policyValue(name string, lim ratelimit.Limit) policy {
 	w := ratelimit.CeilSeconds(lim.Period)
-	return `"` + name + `";q=` + strconv.FormatInt(lim.Count, 10) + ";w=" + strconv.FormatInt(w, 10)
+	q := lim.Count
+	if time.Duration(w)*time.Second != lim.Period {
+		q = int64(float64(lim.Count) * float64(time.Duration(w)*time.Second) / float64(lim.Period))
+	}
+	prefix := `"` + name + `"`
+	return policy{
+		header:    prefix + ";q=" + strconv.FormatInt(q, 10) + ";w=" + strconv.FormatInt(w, 10),
+		rateLabel: prefix,
+	}
+}
+
+// policy is a limit's RateLimit-Policy value and the policy name that
+// starts its RateLimit values, both made once.
+type policy struct {
+	header    string
+	rateLabel string
 }
 
 var _ caddy.Destructor = (*limiter)(nil)

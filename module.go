@@ -1,6 +1,7 @@
 package apikey
 
 import (
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/textproto"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 
@@ -79,19 +81,18 @@ type Handler struct {
 	// cookie it came in. Default: false.
 	PassKey bool `json:"pass_key,omitempty"`
 
-	sources         []source
-	inline          map[[32]byte]*keyRecord
-	keysFile        *keysFile
-	keysFileKey     string
-	cache           *keyCache
-	limiter         *limiter
-	limiterLoaded   bool
-	defaultLimit    ratelimit.Limit
-	defaultPolicy   string
-	challengeHeader string
-	challengeMiss   string
-	challengeBad    string
-	logger          *zap.Logger
+	sources       []source
+	inline        map[[32]byte]*keyRecord
+	keysFile      *keysFile
+	keysFileKey   string
+	cache         *keyCache
+	limiter       *limiter
+	limiterLoaded bool
+	defaultLimit  ratelimit.Limit
+	defaultPolicy policy
+	challengeMiss string
+	challengeBad  string
+	logger        *zap.Logger
 }
 
 // KeySource is one place a key may be found in a request.
@@ -163,6 +164,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if len(sources) == 0 {
 		sources = []KeySource{{Source: "bearer"}, {Source: "header", Name: "X-API-Key"}}
 	}
+	if len(sources) > maxSources {
+		return fmt.Errorf("from: at most %d sources", maxSources)
+	}
 	h.sources = h.sources[:0]
 	for _, s := range sources {
 		src, err := compileSource(s)
@@ -191,6 +195,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return fmt.Errorf("keys[%d] (id %q): same key as id %q", i, k.ID, other.id)
 		}
 		h.inline[digest] = newKeyRecord(&keyRecord{id: k.ID, digest: digest})
+		// The key itself is not kept, not even in the config struct.
+		h.Keys[i].Key = digestPrefix + hex.EncodeToString(digest[:])
 	}
 
 	if h.Rate != "" {
@@ -217,8 +223,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			cc.NegativeTTL = h.Cache.NegativeTTL
 		}
 	}
-	if cc.Size < 1 || cc.TTL < 0 || cc.NegativeTTL < 0 {
-		return errors.New("cache: size, ttl and negative_ttl must be positive")
+	if cc.Size < 1 || cc.Size > maxCacheSize || cc.TTL < 0 || cc.NegativeTTL < 0 {
+		return fmt.Errorf("cache: size must be from 1 to %d, ttl and negative_ttl positive", maxCacheSize)
 	}
 	cache, err := newKeyCache(cc.Size, time.Duration(cc.TTL), time.Duration(cc.NegativeTTL))
 	if err != nil {
@@ -312,22 +318,22 @@ func inlineDigest(repl *caddy.Replacer, k InlineKey) ([32]byte, error) {
 // Caddy's access log records as sent.
 func (h *Handler) warnLoggedSources() {
 	for _, s := range h.sources {
-		var hint string
+		var field string
 		switch s.kind {
 		case sourceHeader:
 			if s.name == "Authorization" || s.name == "Proxy-Authorization" {
 				continue
 			}
-			hint = "log { format filter { request>headers>" + s.name + " delete } }"
+			field = "request>headers>" + s.name + " delete"
 		case sourceQuery:
-			hint = "log { format filter { request>uri query { delete " + s.name + " } } }"
+			field = "request>uri query, with delete " + s.name
 		case sourceCookie:
-			hint = "log { format filter { request>headers>Cookie cookie { delete " + s.name + " } } }"
+			field = "request>headers>Cookie cookie, with delete " + s.name
 		default:
 			continue
 		}
-		h.logger.Warn("API keys sent this way appear in access logs unless a log filter removes them",
-			zap.String("source", s.String()), zap.String("filter", hint))
+		h.logger.Warn("API keys sent this way appear in access logs unless a log filter removes them; see the README, Keeping keys out of logs",
+			zap.String("source", s.String()), zap.String("log_filter_field", field))
 	}
 }
 
@@ -428,6 +434,7 @@ func validToken(s string) bool {
 
 // Interface guards
 var (
+	_ caddyfile.Unmarshaler       = (*Handler)(nil)
 	_ caddy.Provisioner           = (*Handler)(nil)
 	_ caddy.Validator             = (*Handler)(nil)
 	_ caddy.CleanerUpper          = (*Handler)(nil)
