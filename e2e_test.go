@@ -1,6 +1,7 @@
 package apikey_test
 
 import (
+	"bufio"
 	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
@@ -1092,4 +1093,66 @@ func TestE2ELimiterSurvivesReload(t *testing.T) {
 			t.Errorf("key two after reload: %d %q, want 200 %q", resp.status, resp.body, "reloaded")
 		}
 	})
+}
+
+// TestE2EHostileRequests sends requests a client library would refuse to
+// make, over a raw connection: each gets a 4xx, never a 5xx, and the
+// server goes on answering a good key afterwards.
+func TestE2EHostileRequests(t *testing.T) {
+	c := e2eStart(t, "api_key {\n\tfrom bearer\n\tfrom header X-API-Key\n\tfrom query api_key\n\tfrom cookie k\n\tkey one "+e2eKey1+"\n}\nrespond \"key={http.api_key.id}\"")
+	many := strings.Repeat("Authorization: Bearer "+e2eKey1+"\r\n", 100)
+	tests := []struct {
+		name   string
+		target string
+		header string
+		status int
+	}{
+		{"key over 512 bytes", "/", "X-API-Key: " + strings.Repeat("k", 513) + "\r\n", 401},
+		{"10 KiB key", "/", "X-API-Key: " + strings.Repeat("k", 10<<10) + "\r\n", 401},
+		// Caddy's own limit on request headers (max_header_size) is 16 KiB.
+		{"64 KiB header", "/", "X-API-Key: " + strings.Repeat("k", 64<<10) + "\r\n", 431},
+		{"2 MiB header", "/", "X-Filler: " + strings.Repeat("f", 2<<20) + "\r\n", 431},
+		{"NUL byte", "/", "X-API-Key: ab\x00cd\r\n", 400},
+		{"control byte", "/", "X-API-Key: ab\x01cd\r\n", 400},
+		{"non-UTF-8 bytes", "/", "X-API-Key: \xff\xfe\xfd\r\n", 401},
+		{"UTF-8 key", "/", "X-API-Key: ключ\r\n", 401},
+		{"many identical Authorization headers", "/", many, 200},
+		{"many Authorization headers, one different", "/", many + "Authorization: Bearer other\r\n", 401},
+		{"same query parameter twice, two keys", "/?api_key=" + e2eKey1 + "&api_key=other", "", 401},
+		{"same query parameter twice, one key", "/?api_key=" + e2eKey1 + "&api_key=" + e2eKey1, "", 200},
+		{"malformed percent-encoding", "/?api_key=%zz" + e2eKey1, "", 401},
+		{"plus in a query key", "/?api_key=a+b", "", 401},
+		{"empty bearer", "/", "Authorization: Bearer \r\n", 401},
+		{"bearer without a space", "/", "Authorization: Bearer\r\n", 401},
+		{"wrong scheme only", "/", "Authorization: Basic Zm9vOmJhcg==\r\n", 401},
+		{"empty X-API-Key", "/", "X-API-Key: \r\n", 401},
+		{"cookie with a quoted key", "/", "Cookie: a=1; k=\"" + e2eKey1 + "\"\r\n", 200},
+		{"cookie with two keys", "/", "Cookie: k=" + e2eKey1 + "; k=other\r\n", 401},
+	}
+	addr := strings.TrimPrefix(c.base, "http://")
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+			req := "GET " + tt.target + " HTTP/1.1\r\nHost: " + addr + "\r\n" + tt.header + "Connection: close\r\n\r\n"
+			// A server may answer (431) before it has read all of a huge
+			// request; the write error then does not matter.
+			go func() { _, _ = conn.Write([]byte(req)) }()
+			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			if err != nil {
+				t.Fatalf("reading the response: %v", err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != tt.status {
+				t.Errorf("status = %d, want %d", resp.StatusCode, tt.status)
+			}
+		})
+	}
+	if resp := c.get(t, "/after", bearer(e2eKey1)); resp.status != 200 || resp.body != "key=one" {
+		t.Errorf("after the hostile requests: %d %q", resp.status, resp.body)
+	}
 }
