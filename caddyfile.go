@@ -119,7 +119,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("key: invalid id: use 1 to 128 visible ASCII characters other than quotes and backslash")
 			}
 			switch {
-			case strings.HasPrefix(k.Key, digestPrefix):
+			case hasDigestPrefix(k.Key):
 				if _, err := parseDigest(k.Key); err != nil {
 					return d.Errf("key %s: %v", k.ID, err)
 				}
@@ -237,8 +237,8 @@ func (c *CacheConfig) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		switch name {
 		case "size":
 			n, err := strconv.ParseInt(val, 10, 64)
-			if err != nil || n < 1 || n > 1<<40 {
-				return d.Errf("cache: size %q: must be a positive whole number", val)
+			if err != nil || n < 1 || n > maxCacheSize {
+				return d.Errf("cache: size %q: must be a whole number from 1 to %d", val, maxCacheSize)
 			}
 			c.Size = n
 		case "ttl", "negative_ttl":

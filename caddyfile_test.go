@@ -623,13 +623,19 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{
 			name:  "cache size 0",
 			input: "api_key {\n\tkeys_file k.json\n\tcache {\n\t\tsize 0\n\t}\n}",
-			want:  `cache: size "0": must be a positive whole number`,
+			want:  `cache: size "0": must be a whole number from 1 to 16777216`,
+			line:  4,
+		},
+		{
+			name:  "cache size too large",
+			input: "api_key {\n\tkeys_file k.json\n\tcache {\n\t\tsize 16777217\n\t}\n}",
+			want:  `cache: size "16777217": must be a whole number from 1 to 16777216`,
 			line:  4,
 		},
 		{
 			name:  "cache size not a number",
 			input: "api_key {\n\tkeys_file k.json\n\tcache {\n\t\tsize 1e3\n\t}\n}",
-			want:  `cache: size "1e3": must be a positive whole number`,
+			want:  `cache: size "1e3": must be a whole number from 1 to 16777216`,
 			line:  4,
 		},
 		{

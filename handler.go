@@ -58,8 +58,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return h.reject(w, r, repl, outcomeInvalid)
 	}
 
-	// The key leaves the request before anything else sees it, including
-	// handle_errors after a 429.
+	// The key leaves the request before anything else sees it. (Caddy
+	// puts the original URI back for handle_errors, so a key that came in
+	// the query is there again.)
 	if !h.PassKey {
 		h.removeKey(r, found)
 	}

@@ -355,10 +355,10 @@ const digestPrefix = "sha256:"
 // the value past the prefix, in case someone pasted a key there.
 func parseDigest(s string) ([32]byte, error) {
 	var d [32]byte
-	hexPart, ok := strings.CutPrefix(s, digestPrefix)
-	if !ok {
+	if !hasDigestPrefix(s) {
 		return d, errors.New(`"hash" must start with "sha256:"`)
 	}
+	hexPart := s[len(digestPrefix):]
 	if len(hexPart) != 64 {
 		return d, fmt.Errorf(`"hash" must be "sha256:" and 64 hex digits, not %d characters`, len(hexPart))
 	}
@@ -366,6 +366,11 @@ func parseDigest(s string) ([32]byte, error) {
 		return d, errors.New(`"hash" has a character that is not a hex digit`)
 	}
 	return d, nil
+}
+
+// hasDigestPrefix reports whether s starts with "sha256:", in any case.
+func hasDigestPrefix(s string) bool {
+	return len(s) >= len(digestPrefix) && strings.EqualFold(s[:len(digestPrefix)], digestPrefix)
 }
 
 // isDigest reports whether s has the form of a digest rather than a key.
@@ -393,18 +398,29 @@ type keysFile struct {
 	logger atomic.Pointer[zap.Logger] // the newest config's
 	set    atomic.Pointer[keySet]
 
-	mu      sync.Mutex // serializes check: the watcher and config reloads call it
+	// check's state, under mu: the watcher and config reloads both call
+	// it. sum is the digest of the bytes last read, err what parsing
+	// them said (nil when they are the keys in use); usedSum is the
+	// digest of the bytes of the keys in use.
+	mu      sync.Mutex
 	stamp   fileStamp
 	sum     [32]byte
+	err     error
+	usedSum [32]byte
+
 	stop    chan struct{}
 	stopped sync.WaitGroup
 }
 
 // fileStamp tells whether a file may have changed without reading it.
+// Its ctime is set by the kernel on every write, rename and utimes, so
+// tools that restore an old mtime (cp -p, rsync -t, tar) are seen too.
 type fileStamp struct {
 	mod   time.Time
+	ctime time.Time
 	size  int64
 	inode uint64
+	dev   uint64
 }
 
 func statFile(path string) (fileStamp, error) {
@@ -414,7 +430,8 @@ func statFile(path string) (fileStamp, error) {
 	}
 	st := fileStamp{mod: fi.ModTime(), size: fi.Size()}
 	if sys, ok := fi.Sys().(*syscall.Stat_t); ok {
-		st.inode = sys.Ino
+		st.inode, st.dev = sys.Ino, uint64(sys.Dev)
+		st.ctime = time.Unix(sys.Ctim.Unix())
 	}
 	return st, nil
 }
@@ -432,13 +449,14 @@ func loadKeysFile(path string) (*keySet, fileStamp, [32]byte, error) {
 	return set, stamp, sha256.Sum256(data), nil
 }
 
-// recentWrite is how new a file's modification time must be for a second
-// write to share it: file systems count mtime in ticks, some coarse.
-const recentWrite = 2 * time.Second
+// recentWrite is how new a file's change time must be for a second write
+// to share it: file systems count time in ticks, some coarse.
+var recentWrite = 2 * time.Second
 
 // readKeysFile reads path and returns its stamp, the zero stamp when the
-// file was modified so recently that another write could leave the stamp
-// unchanged: then the next check reads the content again.
+// file changed so recently that another write could leave the stamp
+// unchanged: then the next check reads the content again (and parses it
+// only if it differs from what was read before).
 func readKeysFile(path string) ([]byte, fileStamp, error) {
 	stamp, err := statFile(path)
 	if err != nil {
@@ -448,7 +466,7 @@ func readKeysFile(path string) ([]byte, fileStamp, error) {
 	if err != nil {
 		return nil, stamp, fmt.Errorf("loading keys file %s: %w", path, err)
 	}
-	if time.Since(stamp.mod) < recentWrite {
+	if changed := stamp.ctime; changed.IsZero() || time.Since(changed) < recentWrite {
 		stamp = fileStamp{}
 	}
 	return data, stamp, nil
@@ -459,7 +477,7 @@ func openKeysFile(path string, logger *zap.Logger) (*keysFile, error) {
 	if err != nil {
 		return nil, err
 	}
-	kf := &keysFile{path: path, stamp: stamp, sum: sum, stop: make(chan struct{})}
+	kf := &keysFile{path: path, stamp: stamp, sum: sum, usedSum: sum, stop: make(chan struct{})}
 	kf.logger.Store(logger)
 	kf.set.Store(set)
 	logger.Info("keys file loaded", zap.String("file", path), zap.Int("keys", len(set.byDigest)))
@@ -502,24 +520,30 @@ func (kf *keysFile) check() error {
 		return fmt.Errorf("keys file %s: %w", kf.path, err)
 	}
 	if stamp == kf.stamp {
-		return nil
+		return kf.err
 	}
 	data, stamp, err := readKeysFile(kf.path)
 	if err != nil {
 		return err
 	}
+	kf.stamp = stamp
 	sum := sha256.Sum256(data)
 	if sum == kf.sum {
-		kf.stamp = stamp
+		// The same bytes as last time: the same keys, or the same error.
+		return kf.err
+	}
+	kf.sum = sum
+	if sum == kf.usedSum {
+		// Back to the keys in use, after a broken version.
+		kf.err = nil
 		return nil
 	}
 	set, err := parseKeysFile(data)
 	if err != nil {
-		// Not parsed again until the file changes.
-		kf.stamp = stamp
-		return fmt.Errorf("loading keys file %s: %w", kf.path, err)
+		kf.err = fmt.Errorf("loading keys file %s: %w", kf.path, err)
+		return kf.err
 	}
-	kf.stamp, kf.sum = stamp, sum
+	kf.err, kf.usedSum = nil, sum
 	old := kf.set.Swap(set)
 	added, removed := diffSets(old, set)
 	if c := kf.logger.Load().Check(zapcore.InfoLevel, "keys file reloaded"); c != nil {

@@ -240,7 +240,7 @@ func TestParseKeysFileErrors(t *testing.T) {
 		},
 		{
 			name: "hash with another algorithm",
-			data: `{"keys": [{"id": "a", "hash": "SHA256:` + hash1[len("sha256:"):] + `"}]}`,
+			data: `{"keys": [{"id": "a", "hash": "sha512:` + hash1[len("sha256:"):] + `"}]}`,
 			want: `keys[0] (id "a"): "hash" must start with "sha256:"`,
 		},
 		{
@@ -356,15 +356,14 @@ func TestLoadKeysFile(t *testing.T) {
 			t.Fatalf("loadKeysFile: %v", err)
 		}
 		// A file written this instant gets the zero stamp, so that a
-		// second write in the same mtime tick is not missed.
+		// second write in the same time tick is not missed.
 		if len(set.byDigest) != 1 || stamp != (fileStamp{}) || sum == ([32]byte{}) {
 			t.Errorf("got %d keys, stamp %+v, sum %x", len(set.byDigest), stamp, sum)
 		}
-		old := time.Now().Add(-time.Minute)
-		if err := os.Chtimes(good, old, old); err != nil {
-			t.Fatal(err)
-		}
-		if _, stamp, _, err := loadKeysFile(good); err != nil || stamp.size == 0 || !stamp.mod.Equal(old) {
+		saved := recentWrite
+		recentWrite = 0
+		defer func() { recentWrite = saved }()
+		if _, stamp, _, err := loadKeysFile(good); err != nil || stamp.size == 0 || stamp.ctime.IsZero() || stamp.inode == 0 {
 			t.Errorf("stamp of an older file = %+v, %v", stamp, err)
 		}
 	})
@@ -675,5 +674,72 @@ func TestKeysFileCheckWhileWatching(t *testing.T) {
 	}
 	if got := ids(kf.set.Load()); got != "k20" {
 		t.Errorf("ids = %q, want k20", got)
+	}
+}
+
+// TestKeysFileInPlaceEditWithOldMtime rewrites the file in place, with the
+// same size, and puts its old mtime back, as cp -p and rsync -t do: the
+// change time still tells, and the new keys are used. A broken version is
+// reported on every check until it is fixed, and the same bytes are not
+// parsed twice (the error stays the same one).
+func TestKeysFileInPlaceEditWithOldMtime(t *testing.T) {
+	slowPolling(t)
+	saved := recentWrite
+	recentWrite = 0 // every stamp counts, however new
+	t.Cleanup(func() { recentWrite = saved })
+
+	path := filepath.Join(t.TempDir(), "keys.json")
+	writeKeysFile(t, path, keysJSON([2]string{"a", hash1}))
+	kf := openTestKeysFile(t, path)
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Same length: only the hash changes, in place.
+	if err := os.WriteFile(path, []byte(keysJSON([2]string{"a", hash2})), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chtimes(path, fi.ModTime(), fi.ModTime()); err != nil {
+		t.Fatal(err)
+	}
+	if err := kf.check(); err != nil {
+		t.Fatalf("check: %v", err)
+	}
+	d2 := mustDigest(t, hash2)
+	if _, ok := kf.set.Load().byDigest[d2]; !ok {
+		t.Fatal("the in-place edit with the old mtime was missed")
+	}
+
+	if err := os.WriteFile(path, []byte(`{"keys": [{"id": "a"}]}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	first := kf.check()
+	if first == nil {
+		t.Fatal("a broken file was accepted")
+	}
+	for range 3 {
+		if err := kf.check(); err != first {
+			t.Fatalf("check of the unchanged broken file = %v, want the same error %v", err, first)
+		}
+	}
+	if _, ok := kf.set.Load().byDigest[d2]; !ok {
+		t.Fatal("the keys in use were lost to a broken file")
+	}
+}
+
+func mustDigest(t *testing.T, s string) [32]byte {
+	t.Helper()
+	d, err := parseDigest(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+func TestParseDigestPrefixCase(t *testing.T) {
+	for _, s := range []string{hash1, "SHA256:" + hash1[len("sha256:"):], "Sha256:" + hash1[len("sha256:"):]} {
+		if d, err := parseDigest(s); err != nil || d != mustDigest(t, hash1) {
+			t.Errorf("parseDigest(%q) = %x, %v", s, d, err)
+		}
 	}
 }

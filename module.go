@@ -297,7 +297,7 @@ func inlineDigest(repl *caddy.Replacer, k InlineKey) ([32]byte, error) {
 	if isDigest(k.Key) {
 		return parseDigest(k.Key)
 	}
-	if strings.HasPrefix(k.Key, digestPrefix) {
+	if hasDigestPrefix(k.Key) {
 		_, err := parseDigest(k.Key)
 		return [32]byte{}, err
 	}
