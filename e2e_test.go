@@ -947,6 +947,16 @@ func TestE2EKeysFileReload(t *testing.T) {
 		t.Errorf("the broken file was reported %d times, want once", reported)
 	}
 
+	// A config reload while the file is broken loads, and keeps the
+	// keys in use.
+	c.reload(t, c.config)
+	if got := status(e2eKey2); got != 200 {
+		t.Errorf("key two after a config reload with the file broken: status %d, want 200", got)
+	}
+	if got := status(e2eKey1); got != 401 {
+		t.Errorf("key one after a config reload with the file broken: status %d, want 401", got)
+	}
+
 	e2eWriteFile(t, keysFile, e2eKeysJSON(t, one))
 	waitFor("fixing the file", e2eKey1, 200)
 	if got := status(e2eKey2); got != 401 {

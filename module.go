@@ -120,7 +120,8 @@ type InlineKey struct {
 	// Key is the key's SHA-256 digest as "sha256:<64 hex digits>", or the
 	// key itself, usually as a placeholder such as {env.CI_KEY}: it is
 	// expanded and hashed at provision and not kept. The Caddyfile adapter
-	// hashes a literal key, so that it never reaches the JSON config.
+	// hashes a literal key, so that it never reaches the JSON config; in
+	// JSON, give a placeholder or the digest, since Caddy keeps its config.
 	Key string `json:"key"`
 }
 
@@ -284,7 +285,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			h.keysFile.logger.Store(h.logger)
 			// A reload of the config is a good moment to look at the file.
 			if err := h.keysFile.check(); err != nil {
-				h.logger.Error("keys file not reloaded; the previous keys stay in use", zap.Error(err))
+				h.logger.Error("keys file not reloaded; the previous keys stay in use",
+					zap.String("file", abs), zap.Error(err))
 			}
 		}
 	}
