@@ -25,19 +25,35 @@ import (
 //     is the number of entries it keeps.
 //   - After close it answers nothing and keeps nothing. On a config reload
 //     Caddy cleans up the old handlers while their last requests may still
-//     run, and ristretto panics if used while it closes, so the ristretto
-//     cache itself is closed a little later, when no request can reach it.
+//     run, and ristretto panics if used while it closes. So every use is
+//     counted in inflight before closed is read, and ristretto is closed
+//     only once closed is set and inflight has come back to zero: a use
+//     that started before close finishes first, one that starts after sees
+//     closed and stays away.
 type keyCache struct {
-	c      *ristretto.Cache[uint64, *cacheEntry]
-	ttl    time.Duration
-	negTTL time.Duration
-	closed atomic.Bool
+	c        *ristretto.Cache[uint64, *cacheEntry]
+	ttl      time.Duration
+	negTTL   time.Duration
+	closed   atomic.Bool
+	inflight atomic.Int64
 }
 
-// cacheCloseDelay is how long a closed cache waits before it stops
-// ristretto: far longer than a request takes from its check of closed to
-// its ristretto call.
-var cacheCloseDelay = time.Second
+// cacheCloseDelay is how long a closed cache waits between looks at its
+// uses in flight before it stops ristretto.
+const cacheCloseDelay = 100 * time.Millisecond
+
+// enter counts a use of ristretto; it reports false, and counts nothing,
+// once the cache is closed.
+func (kc *keyCache) enter() bool {
+	kc.inflight.Add(1)
+	if kc.closed.Load() {
+		kc.inflight.Add(-1)
+		return false
+	}
+	return true
+}
+
+func (kc *keyCache) leave() { kc.inflight.Add(-1) }
 
 // maxCacheSize bounds the size setting: ristretto allocates counters for
 // ten times the size up front.
@@ -65,10 +81,11 @@ func newKeyCache(size int64, ttl, negTTL time.Duration) (*keyCache, error) {
 // get returns the cached lookup of digest in the set of generation gen: the
 // record (nil if the key is known not to exist) and whether there was one.
 func (kc *keyCache) get(digest *[32]byte, gen uint64) (*keyRecord, bool) {
-	if kc.closed.Load() {
+	if !kc.enter() {
 		return nil, false
 	}
 	e, ok := kc.c.Get(binary.LittleEndian.Uint64(digest[:8]))
+	kc.leave()
 	if !ok || e.gen != gen || e.digest != *digest {
 		return nil, false
 	}
@@ -77,9 +94,10 @@ func (kc *keyCache) get(digest *[32]byte, gen uint64) (*keyRecord, bool) {
 
 // put remembers the lookup of digest in the set of generation gen.
 func (kc *keyCache) put(digest *[32]byte, gen uint64, rec *keyRecord) {
-	if kc.closed.Load() {
+	if !kc.enter() {
 		return
 	}
+	defer kc.leave()
 	ttl := kc.ttl
 	if rec == nil {
 		ttl = kc.negTTL
@@ -87,10 +105,16 @@ func (kc *keyCache) put(digest *[32]byte, gen uint64, rec *keyRecord) {
 	kc.c.SetWithTTL(binary.LittleEndian.Uint64(digest[:8]), &cacheEntry{digest: *digest, gen: gen, rec: rec}, 1, ttl)
 }
 
-// close stops the cache at once and ristretto after cacheCloseDelay.
+// close stops the cache at once, and ristretto in the background once no
+// use of it is in flight.
 func (kc *keyCache) close() {
 	if kc.closed.Swap(true) {
 		return
 	}
-	time.AfterFunc(cacheCloseDelay, kc.c.Close)
+	go func() {
+		for kc.inflight.Load() != 0 {
+			time.Sleep(cacheCloseDelay)
+		}
+		kc.c.Close()
+	}()
 }
