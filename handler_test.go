@@ -637,3 +637,87 @@ func TestProvisionDropsPlaintextKeys(t *testing.T) {
 		}
 	}
 }
+
+// TestProvisionErrors covers the checks of a JSON config, which does not go
+// through the Caddyfile parser: each is an error that says what is wrong,
+// from Provision or from Validate, and none quotes a key.
+func TestProvisionErrors(t *testing.T) {
+	t.Setenv("APIKEY_EMPTY", "")
+	many := make([]KeySource, 65)
+	for i := range many {
+		many[i] = KeySource{Source: "header", Name: fmt.Sprint("X-Key-", i)}
+	}
+	tests := []struct {
+		name string
+		h    Handler
+		want string
+	}{
+		{"no keys", Handler{}, "no keys: set keys_file or key"},
+		{"duplicate inline id", Handler{Keys: []InlineKey{{ID: "a", Key: testKeyA}, {ID: "a", Key: testKeyB}}}, `keys[1] (id "a"): duplicate id`},
+		{"same key twice", Handler{Keys: []InlineKey{{ID: "a", Key: testKeyA}, {ID: "b", Key: hashOf(testKeyA)}}}, `keys[1] (id "b"): same key as id "a"`},
+		{"bad inline id", Handler{Keys: []InlineKey{{ID: "a b", Key: testKeyA}}}, `keys[0]: "id" "a b": use visible ASCII`},
+		{"bad inline digest", Handler{Keys: []InlineKey{{ID: "a", Key: "sha256:abc"}}}, `keys[0] (id "a"): "hash" must be "sha256:" and 64 hex digits, not 3 characters`},
+		{"empty placeholder key", Handler{Keys: []InlineKey{{ID: "a", Key: "{env.APIKEY_EMPTY}"}}}, `keys[0] (id "a"): key {env.APIKEY_EMPTY} is empty (is the variable set?)`},
+		{"key with a space", Handler{Keys: []InlineKey{{ID: "a", Key: "two words"}}}, `keys[0] (id "a"): key must be 1 to 512 visible ASCII characters`},
+		{"burst without rate", Handler{Keys: []InlineKey{{ID: "a", Key: testKeyA}}, Burst: 5}, "burst needs a rate"},
+		{"bad rate", Handler{Keys: []InlineKey{{ID: "a", Key: testKeyA}}, Rate: "ten/1m"}, `rate "ten/1m": count must be`},
+		{"bad realm", Handler{Keys: []InlineKey{{ID: "a", Key: testKeyA}}, Realm: `a"b`}, `realm "a\"b": use printable ASCII`},
+		{"unknown source", Handler{Keys: []InlineKey{{ID: "a", Key: testKeyA}}, From: []KeySource{{Source: "body"}}}, `unknown key source "body"`},
+		{"header source without name", Handler{Keys: []InlineKey{{ID: "a", Key: testKeyA}}, From: []KeySource{{Source: "header"}}}, `from header: invalid header name ""`},
+		{"bearer with a name", Handler{Keys: []InlineKey{{ID: "a", Key: testKeyA}}, From: []KeySource{{Source: "bearer", Name: "x"}}}, `from bearer takes no name`},
+		{"cookie as a header", Handler{Keys: []InlineKey{{ID: "a", Key: testKeyA}}, From: []KeySource{{Source: "header", Name: "cookie"}}}, "use from cookie <name>"},
+		{"too many sources", Handler{Keys: []InlineKey{{ID: "a", Key: testKeyA}}, From: many}, "from: at most 64 sources"},
+		{"cache too large", Handler{Keys: []InlineKey{{ID: "a", Key: testKeyA}}, Cache: &CacheConfig{Size: maxCacheSize + 1}}, "cache: size must be from 1 to 16777216"},
+		{"keys_file expands to nothing", Handler{KeysFile: "{env.APIKEY_EMPTY}"}, `keys_file "{env.APIKEY_EMPTY}" expands to an empty path`},
+		{"keys_file missing", Handler{KeysFile: "/nonexistent/keys.json"}, "loading keys file /nonexistent/keys.json: stat /nonexistent/keys.json: no such file or directory"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+			defer cancel()
+			h := tt.h
+			err := h.Provision(ctx)
+			if err == nil {
+				err = h.Validate()
+			}
+			if cerr := h.Cleanup(); cerr != nil {
+				t.Errorf("Cleanup: %v", cerr)
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("error = %v, want it to contain %q", err, tt.want)
+			}
+			for _, k := range []string{testKeyA, testKeyB, "two words"} {
+				if strings.Contains(err.Error(), k) {
+					t.Errorf("error %q quotes a key", err)
+				}
+			}
+		})
+	}
+}
+
+// TestLimiterSweeper checks that the sweeper goroutine drops idle state by
+// itself and stops on Destruct.
+func TestLimiterSweeper(t *testing.T) {
+	clock := &fakeClock{}
+	clock.advance(time.Hour)
+	l := newLimiter(clock.now)
+	l.startSweeper(5 * time.Millisecond)
+	lim := ratelimit.Limit{Count: 1, Period: time.Second, Burst: 1}
+	d := sha256.Sum256([]byte("k"))
+	l.decide(&d, lim)
+	time.Sleep(30 * time.Millisecond)
+	if got := l.len(); got != 1 {
+		t.Fatalf("a busy state was swept: %d states", got)
+	}
+	clock.advance(time.Second)
+	deadline := time.Now().Add(5 * time.Second)
+	for l.len() != 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if got := l.len(); got != 0 {
+		t.Fatalf("the sweeper left %d idle states", got)
+	}
+	if err := l.Destruct(); err != nil {
+		t.Fatal(err)
+	}
+}
