@@ -64,11 +64,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if !h.PassKey {
 		h.removeKey(r, found)
 	}
-	if lim, pol := h.limitOf(rec); lim.Count != 0 {
+	if lim, pol := h.limitOf(rec); !lim.IsZero() {
 		d := h.limiter.decide(&rec.digest, lim)
 		setRateHeaders(w.Header(), pol, d)
 		if !d.Allowed {
 			h.setIdentity(r, repl, rec, (*logRateLimited)(rec))
+			// The key's provider answers "ok"; a static value is looked
+			// up before any provider, so this one rare outcome costs a
+			// map entry instead of a second provider per key.
 			if repl != nil {
 				repl.Set("http.api_key.outcome", outcomeRateLimited)
 			}
@@ -111,7 +114,7 @@ func (h *Handler) limitOf(rec *keyRecord) (ratelimit.Limit, *policy) {
 		return ratelimit.Limit{}, nil
 	}
 	lim := h.defaultLimit
-	if rec.burst != 0 && lim.Count != 0 {
+	if rec.burst != 0 && !lim.IsZero() {
 		lim.Burst = rec.burst
 	}
 	return lim, &h.defaultPolicy

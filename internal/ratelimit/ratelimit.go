@@ -35,14 +35,6 @@ func (l Limit) Interval() time.Duration {
 	return l.Period / time.Duration(l.Count)
 }
 
-// String returns the limit in the form ParseRate reads, with its burst.
-func (l Limit) String() string {
-	if l.IsZero() {
-		return "off"
-	}
-	return fmt.Sprintf("%d/%s burst %d", l.Count, l.Period, l.Burst)
-}
-
 // ParseRate parses "<count>/<duration>", for example "600/1m", "10/s" or
 // "5000/1h". The duration takes Go's units plus "d" for days; a bare unit
 // means one of it. The burst of the result is its count.

@@ -124,12 +124,3 @@ func TestCeilSeconds(t *testing.T) {
 		}
 	}
 }
-
-func TestLimitString(t *testing.T) {
-	if got := (Limit{}).String(); got != "off" {
-		t.Errorf("zero Limit = %q", got)
-	}
-	if got := (Limit{Count: 600, Period: time.Minute, Burst: 50}).String(); got != "600/1m0s burst 50" {
-		t.Errorf("Limit = %q", got)
-	}
-}
