@@ -148,15 +148,15 @@ func setRateHeaders(hdr http.Header, pol *policy, d ratelimit.Decision) {
 }
 
 // setIdentity names the key for the placeholders, the vars and the access
-// log. All of it is made once per key at load, so none of it allocates
-// except Caddy's ExtraLogFields.
+// log. All of it is made once per key at load, so nothing allocates but
+// the growth of the log fields' slice.
 func (h *Handler) setIdentity(r *http.Request, repl *caddy.Replacer, rec *keyRecord, logObj zapcore.ObjectMarshaler) {
 	if repl != nil {
 		repl.Map(rec.provider)
 	}
 	caddyhttp.SetVar(r.Context(), "http.auth.user.id", rec.idAny)
 	if extra, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields); ok {
-		extra.Set(zap.Object("api_key", logObj))
+		setLogField(extra, zap.Object("api_key", logObj))
 	}
 }
 
@@ -170,7 +170,7 @@ func (h *Handler) reject(w http.ResponseWriter, r *http.Request, repl *caddy.Rep
 		repl.Map(provider)
 	}
 	if extra, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields); ok {
-		extra.Set(zap.Object("api_key", obj))
+		setLogField(extra, zap.Object("api_key", obj))
 	}
 	w.Header().Set("WWW-Authenticate", challenge)
 	return caddyhttp.Error(http.StatusUnauthorized, err)
