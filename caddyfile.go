@@ -1,6 +1,7 @@
 package apikey
 
 import (
+	"slices"
 	"strconv"
 	"strings"
 
@@ -9,6 +10,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
+	"github.com/keystile/caddy-apikey/internal/keyformat"
+	"github.com/keystile/caddy-apikey/internal/quota"
 	"github.com/keystile/caddy-apikey/internal/ratelimit"
 )
 
@@ -30,6 +33,17 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		keys_file <path>
 //		key <id> <sha256:hex | plaintext>
 //		rate <count>/<duration> [burst <n>]
+//		quota <count>/<hour|day|week|month>
+//		plan <name> {
+//			rate <count>/<duration> [burst <n>] | off
+//			quota <count>/<hour|day|week|month> | off
+//			allow_ips <cidr>...
+//			allow_referrers <pattern>...
+//			allow_methods <method>...
+//			allow_paths <pattern>...
+//		}
+//		prefix <prefix>
+//		quota_file <path>
 //		cache {
 //			size <n>
 //			ttl <duration>
@@ -39,7 +53,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		pass_key
 //	}
 //
-// from and key may be repeated; every other subdirective may appear once.
+// from, key, plan (with distinct names) and prefix may be repeated; every
+// other subdirective may appear once.
 // A literal plaintext key is hashed here, so the JSON config holds only its
 // digest; a placeholder such as {env.CI_KEY} is kept and expanded at
 // provision.
@@ -142,31 +157,71 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err := once(name); err != nil {
 				return err
 			}
+			rate, burst, err := parseRateArgs(d, false)
+			if err != nil {
+				return err
+			}
+			h.Rate, h.Burst = rate, burst
+
+		case "quota":
+			if err := once(name); err != nil {
+				return err
+			}
+			q, err := parseQuotaArg(d, false)
+			if err != nil {
+				return err
+			}
+			h.Quota = q
+
+		case "plan":
+			if !d.NextArg() {
+				return d.Err("plan: missing name")
+			}
+			planName := d.Val()
+			if err := checkPlanName(planName); err != nil {
+				return d.Errf("%v", err)
+			}
+			if d.NextArg() {
+				return d.Errf("plan %s: unexpected argument %q (settings go in a block)", planName, d.Val())
+			}
+			if _, dup := h.Plans[planName]; dup {
+				return d.Errf("duplicate plan %q", planName)
+			}
+			p, err := unmarshalPlan(d, planName)
+			if err != nil {
+				return err
+			}
+			if h.Plans == nil {
+				h.Plans = make(map[string]*Plan)
+			}
+			h.Plans[planName] = p
+
+		case "prefix":
 			if !d.NextArg() {
 				return d.ArgErr()
 			}
-			if _, err := ratelimit.ParseRate(d.Val()); err != nil {
+			p := d.Val()
+			if err := keyformat.ValidatePrefix(p); err != nil {
 				return d.Errf("%v", err)
 			}
-			h.Rate = d.Val()
-			if d.NextArg() {
-				if d.Val() != "burst" {
-					return d.Errf("rate: unexpected argument %q (want burst <n>)", d.Val())
-				}
-				if !d.NextArg() {
-					return d.Errf("rate: burst needs a number")
-				}
-				n, err := strconv.ParseInt(d.Val(), 10, 64)
-				if err == nil {
-					err = ratelimit.ValidateBurst(n)
-				}
-				if err != nil {
-					return d.Errf("rate: burst %q: must be a whole number from 1 to %d", d.Val(), ratelimit.MaxCount)
-				}
-				h.Burst = n
+			if slices.Contains(h.Prefixes, p) {
+				return d.Errf("duplicate prefix %q", p)
 			}
 			if d.NextArg() {
-				return d.Errf("rate: unexpected argument %q", d.Val())
+				return d.Errf("prefix: unexpected argument %q", d.Val())
+			}
+			h.Prefixes = append(h.Prefixes, p)
+
+		case "quota_file":
+			if err := once(name); err != nil {
+				return err
+			}
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			h.QuotaFile = d.Val()
+			if d.NextArg() {
+				return d.Errf("quota_file: unexpected argument %q", d.Val())
 			}
 
 		case "cache":
@@ -213,6 +268,111 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		return d.Err("api_key: no keys; add keys_file <path> or key <id> <key>")
 	}
 	return nil
+}
+
+// parseRateArgs reads the arguments of rate: <count>/<duration> [burst
+// <n>], or off where allowOff.
+func parseRateArgs(d *caddyfile.Dispenser, allowOff bool) (string, int64, error) {
+	if !d.NextArg() {
+		return "", 0, d.ArgErr()
+	}
+	rate := d.Val()
+	if rate == "off" && allowOff {
+		if d.NextArg() {
+			return "", 0, d.Errf("rate off: unexpected argument %q", d.Val())
+		}
+		return rate, 0, nil
+	}
+	if _, err := ratelimit.ParseRate(rate); err != nil {
+		return "", 0, d.Errf("%v", err)
+	}
+	var burst int64
+	if d.NextArg() {
+		if d.Val() != "burst" {
+			return "", 0, d.Errf("rate: unexpected argument %q (want burst <n>)", d.Val())
+		}
+		if !d.NextArg() {
+			return "", 0, d.Errf("rate: burst needs a number")
+		}
+		n, err := strconv.ParseInt(d.Val(), 10, 64)
+		if err == nil {
+			err = ratelimit.ValidateBurst(n)
+		}
+		if err != nil {
+			return "", 0, d.Errf("rate: burst %q: must be a whole number from 1 to %d", d.Val(), ratelimit.MaxCount)
+		}
+		burst = n
+	}
+	if d.NextArg() {
+		return "", 0, d.Errf("rate: unexpected argument %q", d.Val())
+	}
+	return rate, burst, nil
+}
+
+// parseQuotaArg reads the argument of quota: <count>/<period>, or off
+// where allowOff.
+func parseQuotaArg(d *caddyfile.Dispenser, allowOff bool) (string, error) {
+	if !d.NextArg() {
+		return "", d.ArgErr()
+	}
+	q := d.Val()
+	if q != "off" || !allowOff {
+		if _, err := quota.Parse(q); err != nil {
+			return "", d.Errf("%v", err)
+		}
+	}
+	if d.NextArg() {
+		return "", d.Errf("quota: unexpected argument %q", d.Val())
+	}
+	return q, nil
+}
+
+// unmarshalPlan reads the block of plan <name>.
+func unmarshalPlan(d *caddyfile.Dispenser, name string) (*Plan, error) {
+	p := new(Plan)
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		setting := d.Val()
+		if seen[setting] {
+			return nil, d.Errf("plan %s: duplicate %s", name, setting)
+		}
+		seen[setting] = true
+		var err error
+		switch setting {
+		case "rate":
+			p.Rate, p.Burst, err = parseRateArgs(d, true)
+		case "quota":
+			p.Quota, err = parseQuotaArg(d, true)
+		case "allow_ips", "allow_referrers", "allow_methods", "allow_paths":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return nil, d.Errf("plan %s: %s needs at least one value", name, setting)
+			}
+			var one Restrictions
+			switch setting {
+			case "allow_ips":
+				p.AllowIPs, one.AllowIPs = args, args
+			case "allow_referrers":
+				p.AllowReferrers, one.AllowReferrers = args, args
+			case "allow_methods":
+				p.AllowMethods, one.AllowMethods = args, args
+			case "allow_paths":
+				p.AllowPaths, one.AllowPaths = args, args
+			}
+			if _, err := compileRestrictions(one); err != nil {
+				return nil, d.Errf("plan %s: %v", name, err)
+			}
+		default:
+			return nil, d.Errf("plan %s: unknown setting %q", name, setting)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	if _, err := compilePlan(name, p); err != nil {
+		return nil, d.Errf("%v", err)
+	}
+	return p, nil
 }
 
 func sameSourceName(a, b KeySource) bool {

@@ -218,6 +218,45 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			},
 			secrets: []string{"s3cret"},
 		},
+		{
+			name: "quota, plans, prefixes and quota_file",
+			input: `api_key {
+				keys_file /k.json
+				quota 10000/month
+				prefix sk_live
+				prefix pk
+				quota_file /var/lib/caddy/q.db
+				plan free {
+					rate 10/1m burst 2
+					quota 100/day
+				}
+				plan gold {
+					rate off
+					quota off
+					allow_ips 10.0.0.0/8 192.0.2.1
+					allow_referrers https://*.example.com/*
+					allow_methods GET HEAD
+					allow_paths /v1 /files/*.png
+				}
+				plan bare
+			}`,
+			want: Handler{
+				KeysFile:  "/k.json",
+				Quota:     "10000/month",
+				Prefixes:  []string{"sk_live", "pk"},
+				QuotaFile: "/var/lib/caddy/q.db",
+				Plans: map[string]*Plan{
+					"free": {Rate: "10/1m", Burst: 2, Quota: "100/day"},
+					"gold": {Rate: "off", Quota: "off", Restrictions: Restrictions{
+						AllowIPs:       []string{"10.0.0.0/8", "192.0.2.1"},
+						AllowReferrers: []string{"https://*.example.com/*"},
+						AllowMethods:   []string{"GET", "HEAD"},
+						AllowPaths:     []string{"/v1", "/files/*.png"},
+					}},
+					"bare": {},
+				},
+			},
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -260,11 +299,29 @@ func assertHandlerConfig(t *testing.T, got, want Handler) {
 	if got.PassKey != want.PassKey {
 		t.Errorf("PassKey = %v, want %v", got.PassKey, want.PassKey)
 	}
+	if got.Quota != want.Quota || got.QuotaFile != want.QuotaFile {
+		t.Errorf("Quota, QuotaFile = %q, %q, want %q, %q", got.Quota, got.QuotaFile, want.Quota, want.QuotaFile)
+	}
+	if !reflect.DeepEqual(got.Prefixes, want.Prefixes) {
+		t.Errorf("Prefixes = %q, want %q", got.Prefixes, want.Prefixes)
+	}
+	if !reflect.DeepEqual(got.Plans, want.Plans) {
+		t.Errorf("Plans = %s, want %s", mustMarshal(t, got.Plans), mustMarshal(t, want.Plans))
+	}
 	// Parsing sets only the JSON fields: the runtime state waits for
 	// Provision.
 	if got.sources != nil || got.inline != nil || got.keysFile != nil || got.cache != nil || got.limiter != nil || got.logger != nil {
 		t.Errorf("UnmarshalCaddyfile set runtime state: %+v", got)
 	}
+}
+
+func mustMarshal(t *testing.T, v any) []byte {
+	t.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }
 
 // assertNoSecret fails if secret appears anywhere in the handler, as Go
@@ -690,6 +747,114 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 			name:  "duplicate pass_key",
 			input: "api_key {\n\tkeys_file k.json\n\tpass_key\n\tpass_key\n}",
 			want:  "duplicate pass_key",
+			line:  4,
+		},
+		{
+			name:  "bad quota",
+			input: "api_key {\n\tkeys_file k.json\n\tquota 5/fortnight\n}",
+			want:  `quota "5/fortnight"`,
+			line:  3,
+		},
+		{
+			name:  "quota off on the directive",
+			input: "api_key {\n\tkeys_file k.json\n\tquota off\n}",
+			want:  `quota "off"`,
+			line:  3,
+		},
+		{
+			name:  "duplicate quota",
+			input: "api_key {\n\tkeys_file k.json\n\tquota 1/day\n\tquota 2/day\n}",
+			want:  "duplicate quota",
+			line:  4,
+		},
+		{
+			name:  "quota surplus argument",
+			input: "api_key {\n\tkeys_file k.json\n\tquota 1/day x\n}",
+			want:  `quota: unexpected argument "x"`,
+			line:  3,
+		},
+		{
+			name:  "plan without name",
+			input: "api_key {\n\tkeys_file k.json\n\tplan\n}",
+			want:  "plan: missing name",
+			line:  3,
+		},
+		{
+			name:  "plan bad name",
+			input: "api_key {\n\tkeys_file k.json\n\tplan a/b\n}",
+			want:  `plan name "a/b"`,
+			line:  3,
+		},
+		{
+			name:  "duplicate plan",
+			input: "api_key {\n\tkeys_file k.json\n\tplan a\n\tplan a\n}",
+			want:  `duplicate plan "a"`,
+			line:  4,
+		},
+		{
+			name:  "plan surplus argument",
+			input: "api_key {\n\tkeys_file k.json\n\tplan a b\n}",
+			want:  `plan a: unexpected argument "b"`,
+			line:  3,
+		},
+		{
+			name:  "plan unknown setting",
+			input: "api_key {\n\tkeys_file k.json\n\tplan a {\n\t\tratez 1/s\n\t}\n}",
+			want:  `plan a: unknown setting "ratez"`,
+			line:  4,
+		},
+		{
+			name:  "plan duplicate setting",
+			input: "api_key {\n\tkeys_file k.json\n\tplan a {\n\t\tquota 1/day\n\t\tquota 2/day\n\t}\n}",
+			want:  "plan a: duplicate quota",
+			line:  5,
+		},
+		{
+			name:  "plan bad rate",
+			input: "api_key {\n\tkeys_file k.json\n\tplan a {\n\t\trate fast\n\t}\n}",
+			want:  `rate "fast"`,
+			line:  4,
+		},
+		{
+			name:  "plan rate off with burst",
+			input: "api_key {\n\tkeys_file k.json\n\tplan a {\n\t\trate off burst 2\n\t}\n}",
+			want:  `rate off: unexpected argument "burst"`,
+			line:  4,
+		},
+		{
+			name:  "plan empty allow list",
+			input: "api_key {\n\tkeys_file k.json\n\tplan a {\n\t\tallow_ips\n\t}\n}",
+			want:  "plan a: allow_ips needs at least one value",
+			line:  4,
+		},
+		{
+			name:  "plan bad ip",
+			input: "api_key {\n\tkeys_file k.json\n\tplan a {\n\t\tallow_ips 10.0.0.300\n\t}\n}",
+			want:  `plan a: "allow_ips": "10.0.0.300" is not an IP address or CIDR prefix`,
+			line:  4,
+		},
+		{
+			name:  "plan relative path",
+			input: "api_key {\n\tkeys_file k.json\n\tplan a {\n\t\tallow_paths v1\n\t}\n}",
+			want:  `plan a: "allow_paths": "v1": a path pattern starts with /`,
+			line:  4,
+		},
+		{
+			name:  "bad prefix",
+			input: "api_key {\n\tkeys_file k.json\n\tprefix sk-live\n}",
+			want:  `prefix "sk-live"`,
+			line:  3,
+		},
+		{
+			name:  "duplicate prefix",
+			input: "api_key {\n\tkeys_file k.json\n\tprefix sk\n\tprefix sk\n}",
+			want:  `duplicate prefix "sk"`,
+			line:  4,
+		},
+		{
+			name:  "duplicate quota_file",
+			input: "api_key {\n\tkeys_file k.json\n\tquota_file a\n\tquota_file b\n}",
+			want:  "duplicate quota_file",
 			line:  4,
 		},
 		{

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -12,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -35,6 +38,7 @@ func updateGolden() bool {
 // config and sends the documented requests. An example without one fails
 // TestExamples.
 var exampleServe = map[string]func(t *testing.T, adapted []byte){
+	"plans":       servePlans,
 	"quickstart":  serveQuickstart,
 	"static-site": serveStaticSite,
 }
@@ -126,6 +130,8 @@ func exampleTryStart(t *testing.T, adapted []byte) (*e2eCaddy, error) {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
+	// Quota counts start afresh for each run of an example.
+	t.Setenv("XDG_DATA_HOME", filepath.Join(dir, "data"))
 	c := &e2eCaddy{port: e2eFreePort(t), errorLog: filepath.Join(dir, "default.log")}
 	c.base = "http://127.0.0.1:" + strconv.Itoa(c.port)
 	c.client = e2eClient(t)
@@ -376,3 +382,123 @@ func serveStaticSite(t *testing.T, adapted []byte) {
 		}
 	})
 }
+
+// The plans example's demo keys, made by caddy api-key generate --prefix
+// demo; keys.json holds their hashes.
+const (
+	planFree      = "demo_1kQOUhnTulpv93Li5eN1giUnQLgyOyHJ1EbV72"
+	planPro       = "demo_IpFGHcsb8jwDGOpMm2z0vuaRkEP0dSdm1eMKDt"
+	planPartner   = "demo_D0KcyqciJ2mPkMEajRtQ8SSY9fAaFPWP39fPZ1"
+	planOld       = "demo_G0ZZHnX0fofdMAa9erCJfTeXFJ71cOyR3dGLAg"
+	planSuspended = "demo_qwiJSRngdRnu20AzgWKDiCb7bW4ChCnz0oFDVA"
+)
+
+func servePlans(t *testing.T, adapted []byte) {
+	c := exampleStart(t, adapted)
+	now := time.Now().UTC()
+	midnight := time.Date(now.Year(), now.Month(), now.Day()+1, 0, 0, 0, 0, time.UTC)
+	monthStart := time.Date(now.Year(), now.Month(), 1, 0, 0, 0, 0, time.UTC)
+	monthSecs := int64(monthStart.AddDate(0, 1, 0).Sub(monthStart) / time.Second)
+
+	type want struct {
+		status      int
+		body        string
+		policy      string // RateLimit-Policy, exactly
+		rateLimit   string // RateLimit up to the quota's t=, which depends on the time
+		apiKey      map[string]string
+		retryAfter  bool
+		quotaTLimit time.Time // the quota's t= must not pass this
+	}
+	requests := []struct {
+		name   string
+		method string
+		uri    string
+		header http.Header
+		want   want
+	}{
+		{"free GET", "GET", "/a", bearer(planFree), want{status: 200, body: "Demo free app: plan free\n",
+			policy:    `"plan";q=5;w=60, "quota";q=1000;w=86400`,
+			rateLimit: `"plan";r=4;t=12, "quota";r=999;t=`, quotaTLimit: midnight,
+			apiKey: map[string]string{"id": "demo-free", "plan": "free", "outcome": "ok"}}},
+		{"free POST is not allowed", "POST", "/b", bearer(planFree), want{status: 403,
+			body:   `{"error": "Forbidden", "outcome": "forbidden", "restriction": "method"}` + "\n",
+			apiKey: map[string]string{"id": "demo-free", "plan": "free", "outcome": "forbidden", "restriction": "method"}}},
+		{"pro", "GET", "/c", xAPIKey(planPro), want{status: 200, body: "Demo pro app: plan pro\n",
+			policy:    fmt.Sprintf(`"plan";q=60;w=60, "quota";q=100000;w=%d`, monthSecs),
+			rateLimit: `"plan";r=19;t=1, "quota";r=99999;t=`, quotaTLimit: monthStart.AddDate(0, 1, 0),
+			apiKey: map[string]string{"id": "demo-pro", "plan": "pro", "outcome": "ok"}}},
+		{"partner reports", "GET", "/v1/reports/daily", bearer(planPartner), want{status: 200,
+			body:   "Reporting partner: plan partner\n",
+			apiKey: map[string]string{"id": "demo-partner", "plan": "partner", "outcome": "ok"}}},
+		{"partner elsewhere", "GET", "/v1/users", bearer(planPartner), want{status: 403,
+			body:   `{"error": "Forbidden", "outcome": "forbidden", "restriction": "path"}` + "\n",
+			apiKey: map[string]string{"id": "demo-partner", "plan": "partner", "outcome": "forbidden", "restriction": "path"}}},
+		{"rotated-out key", "GET", "/d", bearer(planOld), want{status: 401,
+			body:   `{"error": "Unauthorized", "outcome": "expired"}` + "\n",
+			apiKey: map[string]string{"id": "demo-old", "plan": "pro", "outcome": "expired"}}},
+		{"suspended key", "GET", "/e", bearer(planSuspended), want{status: 401,
+			body:   `{"error": "Unauthorized", "outcome": "disabled"}` + "\n",
+			apiKey: map[string]string{"id": "demo-suspended", "plan": "free", "outcome": "disabled"}}},
+		{"made-up demo key", "GET", "/f", bearer(planFree[:len(planFree)-1] + "x"), want{status: 401,
+			body:   `{"error": "Unauthorized", "outcome": "invalid"}` + "\n",
+			apiKey: e2eInvalid}},
+	}
+	// free allows 5 a minute: 1 above, then 4 more, then the limit.
+	for i := 2; i <= 6; i++ {
+		w := want{status: 200, body: "Demo free app: plan free\n",
+			policy:    `"plan";q=5;w=60, "quota";q=1000;w=86400`,
+			rateLimit: fmt.Sprintf(`"plan";r=%d;t=%d, "quota";r=%d;t=`, 5-i, i*12, 1000-i), quotaTLimit: midnight,
+			apiKey: map[string]string{"id": "demo-free", "plan": "free", "outcome": "ok"}}
+		if i == 6 {
+			w = want{status: 429, body: `{"error": "Too Many Requests", "outcome": "rate_limited"}` + "\n",
+				policy:    `"plan";q=5;w=60, "quota";q=1000;w=86400`,
+				rateLimit: `"plan";r=0;t=60, "quota";r=995;t=`, quotaTLimit: midnight, retryAfter: true,
+				apiKey: map[string]string{"id": "demo-free", "plan": "free", "outcome": "rate_limited"}}
+		}
+		requests = append(requests, struct {
+			name   string
+			method string
+			uri    string
+			header http.Header
+			want   want
+		}{fmt.Sprintf("free %d", i), "GET", fmt.Sprintf("/free/%d", i), bearer(planFree), w})
+	}
+	for _, rq := range requests {
+		t.Run(rq.name, func(t *testing.T) {
+			req, err := http.NewRequest(rq.method, c.base+rq.uri, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			maps.Copy(req.Header, rq.header)
+			resp, err := c.client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != rq.want.status || string(body) != rq.want.body {
+				t.Errorf("got %d %q, want %d %q", resp.StatusCode, body, rq.want.status, rq.want.body)
+			}
+			if got := resp.Header.Get("RateLimit-Policy"); got != rq.want.policy {
+				t.Errorf("RateLimit-Policy = %q, want %q", got, rq.want.policy)
+			}
+			rl := resp.Header.Get("RateLimit")
+			if rq.want.rateLimit == "" {
+				if rl != "" {
+					t.Errorf("RateLimit = %q, want none", rl)
+				}
+			} else if tail, ok := strings.CutPrefix(rl, rq.want.rateLimit); !ok {
+				t.Errorf("RateLimit = %q, want it to start with %q", rl, rq.want.rateLimit)
+			} else if secs, err := strconv.ParseInt(tail, 10, 64); err != nil || secs < 1 ||
+				time.Now().Add(time.Duration(secs-1)*time.Second).After(rq.want.quotaTLimit) {
+				t.Errorf("RateLimit quota t=%q: want whole seconds up to the end of the period, %s", tail, rq.want.quotaTLimit)
+			}
+			if got := resp.Header.Get("Retry-After"); (got != "") != rq.want.retryAfter {
+				t.Errorf("Retry-After = %q, want one: %v", got, rq.want.retryAfter)
+			}
+			e2eCheckAccessEntry(t, c.accessEntry(t, rq.uri), rq.want.status, userIDOf(rq.want.apiKey), rq.want.apiKey)
+		})
+	}
+}
+
+func userIDOf(apiKey map[string]string) string { return apiKey["id"] }

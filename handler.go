@@ -14,24 +14,36 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
+	"github.com/keystile/caddy-apikey/internal/keyformat"
+	"github.com/keystile/caddy-apikey/internal/quota"
 	"github.com/keystile/caddy-apikey/internal/ratelimit"
 )
 
 // Outcomes, as {http.api_key.outcome} and the access log's api_key>outcome
 // show them.
 const (
-	outcomeOK          = "ok"
-	outcomeMissing     = "missing"
-	outcomeInvalid     = "invalid"
-	outcomeRateLimited = "rate_limited"
+	outcomeOK            = "ok"
+	outcomeMissing       = "missing"
+	outcomeInvalid       = "invalid"
+	outcomeDisabled      = "disabled"
+	outcomeExpired       = "expired"
+	outcomeNotYetValid   = "not_yet_valid"
+	outcomeForbidden     = "forbidden"
+	outcomeRateLimited   = "rate_limited"
+	outcomeQuotaExceeded = "quota_exceeded"
 )
 
 // The errors of rejected requests. They say what went wrong, never with
 // which key.
 var (
-	errMissing     = errors.New("api key missing")
-	errInvalid     = errors.New("api key invalid")
-	errRateLimited = errors.New("api key over its rate limit")
+	errMissing       = errors.New("api key missing")
+	errInvalid       = errors.New("api key invalid")
+	errDisabled      = errors.New("api key disabled")
+	errExpired       = errors.New("api key expired")
+	errNotYetValid   = errors.New("api key not yet valid")
+	errForbidden     = errors.New("api key not allowed for this request")
+	errRateLimited   = errors.New("api key over its rate limit")
+	errQuotaExceeded = errors.New("api key over its quota")
 )
 
 // maxKeyLen is the longest key looked up; a longer value is invalid.
@@ -41,7 +53,7 @@ const maxKeyLen = 512
 const maxSources = 64
 
 // ServeHTTP checks the request's key and hands the request on when the key
-// is known and within its rate limit.
+// is known, valid now, allowed for this request and within its limits.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 
@@ -52,10 +64,28 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if found == 0 {
 		return h.reject(w, r, repl, outcomeMissing)
 	}
+	// A key in this site's format with a wrong checksum was made up: no
+	// lookup for it.
+	if len(h.prefixes) != 0 && !h.checkFormat(key) {
+		return h.reject(w, r, repl, outcomeInvalid)
+	}
 	digest := sha256.Sum256(unsafe.Slice(unsafe.StringData(key), len(key)))
 	rec := h.find(&digest)
 	if rec == nil {
 		return h.reject(w, r, repl, outcomeInvalid)
+	}
+	if outcome, err := h.lifecycle(rec); err != nil {
+		w.Header().Set("WWW-Authenticate", h.challengeBad)
+		return h.refuse(r, repl, rec, outcome, "", http.StatusUnauthorized, err)
+	}
+	var pl *plan
+	if rec.plan != "" {
+		pl = h.plans[rec.plan]
+	}
+	if restr := restrictionsOf(rec, pl); !restr.isZero() {
+		if failed := restr.check(r, clientIP(r)); failed != "" {
+			return h.refuse(r, repl, rec, outcomeForbidden, failed, http.StatusForbidden, errForbidden)
+		}
 	}
 
 	// The key leaves the request before anything else sees it. (Caddy
@@ -64,24 +94,122 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if !h.PassKey {
 		h.removeKey(r, found)
 	}
-	if lim, pol := h.limitOf(rec); !lim.IsZero() {
-		d := h.limiter.decide(&rec.digest, lim)
-		setRateHeaders(w.Header(), pol, d)
-		if !d.Allowed {
-			h.setIdentity(r, repl, rec, (*logRateLimited)(rec))
-			// The key's provider answers "ok"; a static value is looked
-			// up before any provider, so this one rare outcome costs a
-			// map entry instead of a second provider per key.
-			if repl != nil {
-				repl.Set("http.api_key.outcome", outcomeRateLimited)
-			}
-			w.Header().Set("Retry-After", strconv.FormatInt(max(1, ratelimit.CeilSeconds(d.RetryAfter)), 10))
-			return caddyhttp.Error(http.StatusTooManyRequests, errRateLimited)
+
+	lim, pol := h.limitOf(rec, pl)
+	if lim.IsZero() {
+		pol = nil
+	}
+	q := h.quotaOf(rec, pl)
+	if lim.IsZero() && q.IsZero() {
+		h.setIdentity(r, repl, rec, (*logOK)(rec))
+		return next.ServeHTTP(w, r)
+	}
+	var qd quota.Decision
+	if !q.IsZero() {
+		// Over quota already: refuse without spending a rate token.
+		if qd = h.quotas.Peek(quotaName(rec), q); !qd.Allowed {
+			return h.overQuota(w, r, repl, rec, q, qd)
 		}
 	}
-
+	var d ratelimit.Decision
+	if !lim.IsZero() {
+		d = h.limiter.decide(&rec.digest, lim)
+		if !d.Allowed {
+			setRateHeaders(w.Header(), pol, d, q, qd)
+			w.Header().Set("Retry-After", strconv.FormatInt(max(1, ratelimit.CeilSeconds(d.RetryAfter)), 10))
+			return h.refuse(r, repl, rec, outcomeRateLimited, "", http.StatusTooManyRequests, errRateLimited)
+		}
+	}
+	if !q.IsZero() {
+		// Only admitted requests count; a request that lost the last
+		// call of the period to another between Peek and Take is over.
+		if qd = h.quotas.Take(quotaName(rec), q); !qd.Allowed {
+			return h.overQuota(w, r, repl, rec, q, qd)
+		}
+	}
+	setRateHeaders(w.Header(), pol, d, q, qd)
 	h.setIdentity(r, repl, rec, (*logOK)(rec))
 	return next.ServeHTTP(w, r)
+}
+
+// overQuota answers a request of a key that has used its quota: 429 until
+// the period ends.
+func (h *Handler) overQuota(w http.ResponseWriter, r *http.Request, repl *caddy.Replacer, rec *keyRecord, q quota.Quota, qd quota.Decision) error {
+	setRateHeaders(w.Header(), nil, ratelimit.Decision{}, q, qd)
+	w.Header().Set("Retry-After", strconv.FormatInt(max(1, ratelimit.CeilSeconds(qd.Reset)), 10))
+	return h.refuse(r, repl, rec, outcomeQuotaExceeded, "", http.StatusTooManyRequests, errQuotaExceeded)
+}
+
+// refuse answers a request made with a known key that may not pass: the
+// placeholders and the log field name the key and the outcome (and the
+// restriction that failed, if one did).
+func (h *Handler) refuse(r *http.Request, repl *caddy.Replacer, rec *keyRecord, outcome, restriction string, status int, err error) error {
+	h.setIdentity(r, repl, rec, &logRefused{rec: rec, outcome: outcome, restriction: restriction})
+	// The key's provider answers "ok"; a static value is looked up before
+	// any provider, so these rarer outcomes cost a map entry instead of a
+	// second provider per key.
+	if repl != nil {
+		repl.Set("http.api_key.outcome", outcome)
+		if restriction != "" {
+			repl.Set("http.api_key.restriction", restriction)
+		}
+	}
+	return caddyhttp.Error(status, err)
+}
+
+// checkFormat reports whether key is well formed for every declared prefix
+// it carries: false for a key that carries one and fails its checksum.
+func (h *Handler) checkFormat(key string) bool {
+	carried := false
+	for _, p := range h.prefixes {
+		if keyformat.HasPrefix(key, p) {
+			if keyformat.Check(key, p) {
+				return true
+			}
+			carried = true
+		}
+	}
+	return !carried
+}
+
+// lifecycle returns the outcome and error of a key that is disabled, not
+// yet valid or expired; a nil error when it is valid now.
+func (h *Handler) lifecycle(rec *keyRecord) (string, error) {
+	if rec.disabled {
+		return outcomeDisabled, errDisabled
+	}
+	if rec.notBefore == 0 && rec.expires == 0 {
+		return "", nil
+	}
+	now := h.now()
+	if rec.notBefore != 0 && now < rec.notBefore {
+		return outcomeNotYetValid, errNotYetValid
+	}
+	if rec.expires != 0 && now >= rec.expires {
+		return outcomeExpired, errExpired
+	}
+	return "", nil
+}
+
+// restrictionsOf returns the restrictions that apply to rec: its own, and
+// its plan's where it sets none of a kind.
+func restrictionsOf(rec *keyRecord, pl *plan) restrictions {
+	if pl == nil {
+		return rec.restr
+	}
+	return pl.restr.over(&rec.restr)
+}
+
+// clientIP returns Caddy's client address of r (trusted_proxies applied).
+func clientIP(r *http.Request) string {
+	ip, _ := caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string)
+	return ip
+}
+
+// quotaName is the name of a key's quota counters: its digest, so that a
+// key accepted by several sites counts once, as with rate limits.
+func quotaName(rec *keyRecord) string {
+	return unsafe.String(&rec.digest[0], len(rec.digest))
 }
 
 // find returns the record of the key with this digest, or nil. It asks the
@@ -105,44 +233,100 @@ func (h *Handler) find(digest *[32]byte) *keyRecord {
 }
 
 // limitOf returns the rate limit that applies to rec and its
-// RateLimit-Policy value; a zero limit when none applies.
-func (h *Handler) limitOf(rec *keyRecord) (ratelimit.Limit, *policy) {
+// RateLimit-Policy value; a zero limit when none applies. The key's own
+// setting comes first, then its plan's, then the handler's.
+func (h *Handler) limitOf(rec *keyRecord, pl *plan) (ratelimit.Limit, *policy) {
 	switch rec.limitMode {
 	case limitOwn:
 		return rec.limit, &rec.policy
 	case limitOff:
 		return ratelimit.Limit{}, nil
 	}
-	lim := h.defaultLimit
+	lim, pol := h.defaultLimit, &h.defaultPolicy
+	if pl != nil {
+		switch pl.limitMode {
+		case limitOwn:
+			lim, pol = pl.limit, &pl.policy
+		case limitOff:
+			return ratelimit.Limit{}, nil
+		}
+	}
 	if rec.burst != 0 && !lim.IsZero() {
 		lim.Burst = rec.burst
 	}
-	return lim, &h.defaultPolicy
+	return lim, pol
+}
+
+// quotaOf returns the quota that applies to rec, in the same order as
+// limitOf; a zero quota when none applies.
+func (h *Handler) quotaOf(rec *keyRecord, pl *plan) quota.Quota {
+	switch rec.quotaMode {
+	case limitOwn:
+		return rec.quota
+	case limitOff:
+		return quota.Quota{}
+	}
+	if pl != nil {
+		switch pl.quotaMode {
+		case limitOwn:
+			return pl.quota
+		case limitOff:
+			return quota.Quota{}
+		}
+	}
+	return h.defaultQuota
 }
 
 // rateHeaders holds the RateLimit and RateLimit-Policy header values of one
 // response in a single allocation: the slices and the bytes of the
-// RateLimit value. The values are not shared between responses, since
-// later handlers may edit header slices in place.
+// values. The values are not shared between responses, since later
+// handlers may edit header slices in place.
 type rateHeaders struct {
 	rateLimit [1]string
 	policy    [1]string
-	buf       [64]byte
+	buf       [192]byte
 }
 
 // setRateHeaders sets RateLimit-Policy and RateLimit, as in
-// draft-ietf-httpapi-ratelimit-headers-10: r is the number of requests
-// left now, t the seconds until the full burst is back.
-func setRateHeaders(hdr http.Header, pol *policy, d ratelimit.Decision) {
+// draft-ietf-httpapi-ratelimit-headers-10, for the rate limit (pol, d;
+// none when pol is nil) and the quota (q, qd; none when q is zero): r is
+// the number of requests left now, t the seconds until the full burst is
+// back, or until the quota's period ends.
+func setRateHeaders(hdr http.Header, pol *policy, d ratelimit.Decision, q quota.Quota, qd quota.Decision) {
 	rh := new(rateHeaders)
-	b := append(rh.buf[:0], pol.rateLabel...)
-	b = append(b, ";r="...)
-	b = strconv.AppendInt(b, d.Remaining, 10)
-	b = append(b, ";t="...)
-	b = strconv.AppendInt(b, ratelimit.CeilSeconds(d.Reset), 10)
-	// The bytes are never written again, so they can back a string.
+	b := rh.buf[:0]
+	if pol != nil {
+		b = append(b, pol.rateLabel...)
+		b = append(b, ";r="...)
+		b = strconv.AppendInt(b, d.Remaining, 10)
+		b = append(b, ";t="...)
+		b = strconv.AppendInt(b, ratelimit.CeilSeconds(d.Reset), 10)
+	}
+	if !q.IsZero() {
+		if pol != nil {
+			b = append(b, ", "...)
+		}
+		b = append(b, `"quota";r=`...)
+		b = strconv.AppendInt(b, qd.Remaining, 10)
+		b = append(b, ";t="...)
+		b = strconv.AppendInt(b, ratelimit.CeilSeconds(qd.Reset), 10)
+	}
+	// The bytes are never written again, so they can back strings.
 	rh.rateLimit[0] = unsafe.String(unsafe.SliceData(b), len(b))
-	rh.policy[0] = pol.header
+	if q.IsZero() {
+		rh.policy[0] = pol.header
+	} else {
+		start := len(b)
+		if pol != nil {
+			b = append(b, pol.header...)
+			b = append(b, ", "...)
+		}
+		b = append(b, `"quota";q=`...)
+		b = strconv.AppendInt(b, q.Count, 10)
+		b = append(b, ";w="...)
+		b = strconv.AppendInt(b, ratelimit.CeilSeconds(qd.Window), 10)
+		rh.policy[0] = unsafe.String(&b[start], len(b)-start)
+	}
 	hdr["Ratelimit-Policy"] = rh.policy[:]
 	hdr["Ratelimit"] = rh.rateLimit[:]
 }
@@ -176,23 +360,36 @@ func (h *Handler) reject(w http.ResponseWriter, r *http.Request, repl *caddy.Rep
 	return caddyhttp.Error(http.StatusUnauthorized, err)
 }
 
-// The access log's api_key field, per outcome. The types are conversions
-// of keyRecord, so a field for a known key needs no allocation.
+// The access log's api_key field, per outcome. logOK is a conversion of
+// keyRecord, so the field of an admitted request needs no allocation.
 type (
-	logOK          keyRecord
-	logRateLimited keyRecord
-	logOutcome     string
+	logOK      keyRecord
+	logOutcome string
+	logRefused struct {
+		rec         *keyRecord
+		outcome     string
+		restriction string
+	}
 )
 
 func (l *logOK) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	enc.AddString("id", l.id)
+	if l.plan != "" {
+		enc.AddString("plan", l.plan)
+	}
 	enc.AddString("outcome", outcomeOK)
 	return nil
 }
 
-func (l *logRateLimited) MarshalLogObject(enc zapcore.ObjectEncoder) error {
-	enc.AddString("id", l.id)
-	enc.AddString("outcome", outcomeRateLimited)
+func (l *logRefused) MarshalLogObject(enc zapcore.ObjectEncoder) error {
+	enc.AddString("id", l.rec.id)
+	if l.rec.plan != "" {
+		enc.AddString("plan", l.rec.plan)
+	}
+	enc.AddString("outcome", l.outcome)
+	if l.restriction != "" {
+		enc.AddString("restriction", l.restriction)
+	}
 	return nil
 }
 

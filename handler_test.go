@@ -40,7 +40,16 @@ func TestMain(m *testing.M) {
 			os.Stderr = null
 		}
 	}
-	os.Exit(m.Run())
+	// Quota stores go under Caddy's data directory: a fresh one, so
+	// that tests neither read nor lock a real one.
+	data, err := os.MkdirTemp("", "apikey-test-data-")
+	if err != nil {
+		panic(err)
+	}
+	os.Setenv("XDG_DATA_HOME", data)
+	code := m.Run()
+	os.RemoveAll(data)
+	os.Exit(code)
 }
 
 // newTestHandler provisions h as Caddy would and cleans it up after the
@@ -304,7 +313,7 @@ func TestLimitOf(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			h := newTestHandler(t, &Handler{Keys: []InlineKey{{ID: "a", Key: testKeyA}}, Rate: tt.handler, Burst: tt.burst})
-			lim, pol := h.limitOf(&tt.rec)
+			lim, pol := h.limitOf(&tt.rec, nil)
 			var got string
 			if pol != nil && lim.Count != 0 {
 				got = pol.header

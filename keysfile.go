@@ -20,6 +20,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
+	"github.com/keystile/caddy-apikey/internal/quota"
 	"github.com/keystile/caddy-apikey/internal/ratelimit"
 )
 
@@ -42,11 +43,23 @@ type keyRecord struct {
 	policy    policy
 	burst     int64
 
+	// plan names the key's plan ("" for none); quotaMode and quota, and
+	// restr, are the key's own settings, which replace the plan's.
+	plan      string
+	quotaMode limitMode
+	quota     quota.Quota
+	restr     restrictions
+
+	// The key's lifecycle: unix nanoseconds, 0 when unset.
+	notBefore int64
+	expires   int64
+	disabled  bool
+
 	// The values of the key's placeholders, boxed once, and provider,
 	// which answers them; idAny is also the value of the vars entry.
-	idAny, nameAny, ownerAny any
-	metadataAny              map[string]any
-	provider                 caddy.ReplacerFunc
+	idAny, nameAny, ownerAny, planAny any
+	metadataAny                       map[string]any
+	provider                          caddy.ReplacerFunc
 }
 
 type limitMode uint8
@@ -60,7 +73,7 @@ const (
 // newKeyRecord finishes a record whose fields are set: it makes what the
 // request path needs for it.
 func newKeyRecord(rec *keyRecord) *keyRecord {
-	rec.idAny, rec.nameAny, rec.ownerAny = rec.id, rec.name, rec.owner
+	rec.idAny, rec.nameAny, rec.ownerAny, rec.planAny = rec.id, rec.name, rec.owner, rec.plan
 	if len(rec.metadata) > 0 {
 		rec.metadataAny = make(map[string]any, len(rec.metadata))
 		for k, v := range rec.metadata {
@@ -87,6 +100,8 @@ func (rec *keyRecord) replace(key string) (any, bool) {
 		return rec.nameAny, true
 	case "owner":
 		return rec.ownerAny, true
+	case "plan":
+		return rec.planAny, true
 	case "outcome":
 		return outcomeOK, true
 	}
@@ -116,13 +131,19 @@ func newKeySet(n int) *keySet {
 
 // keyFileEntry is one entry of a keys file as it is written.
 type keyFileEntry struct {
-	ID       string            `json:"id"`
-	Hash     string            `json:"hash"`
-	Name     string            `json:"name,omitempty"`
-	Owner    string            `json:"owner,omitempty"`
-	Rate     string            `json:"rate,omitempty"`
-	Burst    *int64            `json:"burst,omitempty"`
-	Metadata map[string]string `json:"metadata,omitempty"`
+	ID        string            `json:"id"`
+	Hash      string            `json:"hash"`
+	Name      string            `json:"name,omitempty"`
+	Owner     string            `json:"owner,omitempty"`
+	Plan      string            `json:"plan,omitempty"`
+	Rate      string            `json:"rate,omitempty"`
+	Burst     *int64            `json:"burst,omitempty"`
+	Quota     string            `json:"quota,omitempty"`
+	NotBefore string            `json:"not_before,omitempty"`
+	Expires   string            `json:"expires,omitempty"`
+	Disabled  bool              `json:"disabled,omitempty"`
+	Metadata  map[string]string `json:"metadata,omitempty"`
+	Restrictions
 }
 
 // parseKeysFile reads a keys file: {"keys": [entry, ...]}. It streams the
@@ -281,7 +302,28 @@ func (e keyFileEntry) record() (*keyRecord, error) {
 	if err != nil {
 		return nil, err
 	}
-	rec := &keyRecord{id: e.ID, name: e.Name, owner: e.Owner, digest: digest}
+	rec := &keyRecord{id: e.ID, name: e.Name, owner: e.Owner, digest: digest, disabled: e.Disabled}
+	if e.Plan != "" {
+		if err := checkPlanName(e.Plan); err != nil {
+			return nil, fmt.Errorf(`"plan": %w`, err)
+		}
+		rec.plan = e.Plan
+	}
+	if rec.notBefore, err = parseTime("not_before", e.NotBefore); err != nil {
+		return nil, err
+	}
+	if rec.expires, err = parseTime("expires", e.Expires); err != nil {
+		return nil, err
+	}
+	if rec.notBefore != 0 && rec.expires != 0 && rec.expires <= rec.notBefore {
+		return nil, errors.New(`"expires" is not after "not_before"`)
+	}
+	if rec.quotaMode, rec.quota, err = parseQuotaSetting(e.Quota); err != nil {
+		return nil, fmt.Errorf(`"quota": %w`, err)
+	}
+	if rec.restr, err = compileRestrictions(e.Restrictions); err != nil {
+		return nil, err
+	}
 	for k := range e.Metadata {
 		if !validMetadataName(k) {
 			return nil, fmt.Errorf("metadata field %q: use letters, digits, '_', '-' and '.' only", k)
@@ -318,6 +360,18 @@ func (e keyFileEntry) record() (*keyRecord, error) {
 		rec.policy = policyValue("key", lim)
 	}
 	return newKeyRecord(rec), nil
+}
+
+// parseTime reads an RFC 3339 time of a keys-file field; 0 when unset.
+func parseTime(field, s string) (int64, error) {
+	if s == "" {
+		return 0, nil
+	}
+	t, err := time.Parse(time.RFC3339, s)
+	if err != nil {
+		return 0, fmt.Errorf("%q: %q is not an RFC 3339 time such as 2027-01-31T00:00:00Z", field, s)
+	}
+	return t.UnixNano(), nil
 }
 
 // checkID accepts ids that are safe to print in logs, headers and metric
@@ -408,6 +462,11 @@ type keysFile struct {
 	err     error
 	usedSum [32]byte
 
+	// checks are what each handler that uses the file requires of a key
+	// set (that the plans its keys name exist there), under mu. A new
+	// set that fails one is not loaded.
+	checks map[*Handler]func(*keySet) error
+
 	stop    chan struct{}
 	stopped sync.WaitGroup
 }
@@ -477,7 +536,8 @@ func openKeysFile(path string, logger *zap.Logger) (*keysFile, error) {
 	if err != nil {
 		return nil, err
 	}
-	kf := &keysFile{path: path, stamp: stamp, sum: sum, usedSum: sum, stop: make(chan struct{})}
+	kf := &keysFile{path: path, stamp: stamp, sum: sum, usedSum: sum, stop: make(chan struct{}),
+		checks: make(map[*Handler]func(*keySet) error)}
 	kf.logger.Store(logger)
 	kf.set.Store(set)
 	logger.Info("keys file loaded", zap.String("file", path), zap.Int("keys", len(set.byDigest)))
@@ -539,6 +599,9 @@ func (kf *keysFile) check() error {
 		return nil
 	}
 	set, err := parseKeysFile(data)
+	if err == nil {
+		err = kf.runChecks(set)
+	}
 	if err != nil {
 		kf.err = fmt.Errorf("loading keys file %s: %w", kf.path, err)
 		return kf.err
@@ -551,6 +614,34 @@ func (kf *keysFile) check() error {
 			zap.Int("added", added), zap.Int("removed", removed))
 	}
 	return nil
+}
+
+// runChecks runs every handler's check on set; kf.mu is held.
+func (kf *keysFile) runChecks(set *keySet) error {
+	for _, check := range kf.checks {
+		if err := check(set); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// addCheck runs check on the keys in use and, if they pass, keeps it for
+// every later version of the file, until removeCheck.
+func (kf *keysFile) addCheck(h *Handler, check func(*keySet) error) error {
+	kf.mu.Lock()
+	defer kf.mu.Unlock()
+	if err := check(kf.set.Load()); err != nil {
+		return fmt.Errorf("keys file %s: %w", kf.path, err)
+	}
+	kf.checks[h] = check
+	return nil
+}
+
+func (kf *keysFile) removeCheck(h *Handler) {
+	kf.mu.Lock()
+	defer kf.mu.Unlock()
+	delete(kf.checks, h)
 }
 
 func diffSets(old, cur *keySet) (added, removed int) {

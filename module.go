@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/textproto"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -14,6 +15,8 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 
+	"github.com/keystile/caddy-apikey/internal/keyformat"
+	"github.com/keystile/caddy-apikey/internal/quota"
 	"github.com/keystile/caddy-apikey/internal/ratelimit"
 )
 
@@ -36,8 +39,10 @@ func init() {
 // `{http.api_key.id}` | The id of the key (not the key itself).
 // `{http.api_key.name}` | The key's name.
 // `{http.api_key.owner}` | The key's owner.
+// `{http.api_key.plan}` | The key's plan.
 // `{http.api_key.metadata.*}` | A field of the key's metadata.
-// `{http.api_key.outcome}` | ok, missing, invalid or rate_limited.
+// `{http.api_key.outcome}` | ok, missing, invalid, disabled, expired, not_yet_valid, forbidden, rate_limited or quota_exceeded.
+// `{http.api_key.restriction}` | For forbidden: the restriction that failed (ip, referrer, method or path).
 // `{http.auth.user.id}` | The id of the key, as Caddy's auth handlers set it; the access log prints it as user_id.
 //
 // API keys identify the calling project or application. They are not user
@@ -68,6 +73,26 @@ type Handler struct {
 	// Default: the count of Rate.
 	Burst int64 `json:"burst,omitempty"`
 
+	// Quota caps the calls of every key that has none of its own (nor its
+	// plan) per UTC calendar period, as "<count>/<hour|day|week|month>",
+	// for example "10000/month". Counts survive reloads and restarts (see
+	// QuotaFile). Default: no quota.
+	Quota string `json:"quota,omitempty"`
+
+	// Plans are named sets of limits and restrictions; a key in the keys
+	// file takes one with "plan": "<name>".
+	Plans map[string]*Plan `json:"plans,omitempty"`
+
+	// Prefixes are the prefixes of keys this site issues in the
+	// <prefix>_<random><checksum> format (see caddy api-key generate). A key
+	// that carries one but fails its checksum is rejected without a lookup.
+	Prefixes []string `json:"prefixes,omitempty"`
+
+	// QuotaFile is where quota counts are kept (a bbolt database). One
+	// Caddy process at a time may use a file. Default:
+	// api_key/quotas.db in Caddy's data directory.
+	QuotaFile string `json:"quota_file,omitempty"`
+
 	// Cache configures the cache of key lookups.
 	Cache *CacheConfig `json:"cache,omitempty"`
 
@@ -90,6 +115,12 @@ type Handler struct {
 	limiterLoaded bool
 	defaultLimit  ratelimit.Limit
 	defaultPolicy policy
+	defaultQuota  quota.Quota
+	plans         map[string]*plan
+	prefixes      []string
+	quotas        *quota.Store
+	quotasKey     string
+	now           func() int64 // unix nanoseconds, for expiry
 	challengeMiss string
 	challengeBad  string
 	logger        *zap.Logger
@@ -211,6 +242,33 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.defaultLimit = lim
 		h.defaultPolicy = policyValue("default", lim)
 	}
+	if h.Quota != "" {
+		q, err := quota.Parse(h.Quota)
+		if err != nil {
+			return err
+		}
+		h.defaultQuota = q
+	}
+	needQuotas := !h.defaultQuota.IsZero() || h.KeysFile != ""
+	h.plans = make(map[string]*plan, len(h.Plans))
+	for name, p := range h.Plans {
+		cp, err := compilePlan(name, p)
+		if err != nil {
+			return err
+		}
+		h.plans[name] = cp
+		needQuotas = needQuotas || cp.quotaMode == limitOwn
+	}
+	h.prefixes = h.prefixes[:0]
+	for _, p := range h.Prefixes {
+		if err := keyformat.ValidatePrefix(p); err != nil {
+			return err
+		}
+		h.prefixes = append(h.prefixes, p)
+	}
+	if h.now == nil {
+		h.now = func() int64 { return time.Now().UnixNano() }
+	}
 
 	cc := CacheConfig{Size: defaultCacheSize, TTL: caddy.Duration(defaultCacheTTL), NegativeTTL: caddy.Duration(defaultNegativeTTL)}
 	if h.Cache != nil {
@@ -280,6 +338,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		h.keysFileKey = poolKey
 		h.keysFile = val.(*keysFile)
+		if err := h.keysFile.addCheck(h, h.checkPlans); err != nil {
+			return err
+		}
 		if loaded {
 			// The watcher logs to the newest config's logs.
 			h.keysFile.logger.Store(h.logger)
@@ -290,7 +351,90 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			}
 		}
 	}
+	if needQuotas {
+		if err := h.openQuotas(repl); err != nil {
+			return err
+		}
+	}
 	return nil
+}
+
+// checkPlans reports a key in set whose plan this handler does not define.
+func (h *Handler) checkPlans(set *keySet) error {
+	var bad []string
+	for _, rec := range set.byDigest {
+		if rec.plan != "" && h.plans[rec.plan] == nil {
+			bad = append(bad, fmt.Sprintf("key id %q: unknown plan %q", rec.id, rec.plan))
+		}
+	}
+	if len(bad) == 0 {
+		return nil
+	}
+	slices.Sort(bad)
+	if len(bad) > 1 {
+		return fmt.Errorf("%s (and %d more keys with unknown plans)", bad[0], len(bad)-1)
+	}
+	return errors.New(bad[0])
+}
+
+// quotaFlushInterval is how often quota counts are written to disk: at
+// most this much counting is lost if the process is killed.
+var quotaFlushInterval = time.Second
+
+// quotaStore is a quota.Store shared through a caddy.UsagePool, so that
+// counts outlive config reloads; it is flushed and closed when the last
+// handler that uses it is cleaned up, as on shutdown.
+type quotaStore struct{ *quota.Store }
+
+func (s quotaStore) Destruct() error { return s.Close() }
+
+// openQuotas joins (or opens) the quota store.
+func (h *Handler) openQuotas(repl *caddy.Replacer) error {
+	path := filepath.Join(caddy.AppDataDir(), "api_key", "quotas.db")
+	if h.QuotaFile != "" {
+		path = repl.ReplaceKnown(h.QuotaFile, "")
+		if path == "" {
+			return fmt.Errorf("quota_file %q expands to an empty path", h.QuotaFile)
+		}
+	}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return fmt.Errorf("quota_file %s: %w", path, err)
+	}
+	key := "api_key.quota_store:" + abs
+	val, _, err := quotaPool.LoadOrNew(key, func() (caddy.Destructor, error) {
+		s, err := quota.Open(abs, quotaFlushInterval, time.Now)
+		if err != nil {
+			return nil, err
+		}
+		return quotaStore{s}, nil
+	})
+	if err != nil {
+		return err
+	}
+	h.quotasKey = key
+	h.quotas = val.(quotaStore).Store
+	h.quotas.OnFlush(flushLogger(h.logger, abs))
+	return nil
+}
+
+// flushLogger logs failed background flushes of the quota store: each
+// distinct error once, and the recovery.
+func flushLogger(logger *zap.Logger, path string) func(error) {
+	var last string // only the store's flusher goroutine calls it
+	return func(err error) {
+		if err == nil {
+			if last != "" {
+				logger.Info("quota counts written again", zap.String("file", path))
+				last = ""
+			}
+			return
+		}
+		if msg := err.Error(); msg != last {
+			last = msg
+			logger.Error("quota counts not written; retrying every second", zap.String("file", path), zap.Error(err))
+		}
+	}
 }
 
 // inlineDigest returns the digest of an inline key, expanding placeholders
@@ -370,6 +514,14 @@ func (h *Handler) Cleanup() error {
 		h.cache.close()
 	}
 	var errs []error
+	if h.keysFile != nil {
+		h.keysFile.removeCheck(h)
+	}
+	if h.quotasKey != "" {
+		if _, err := quotaPool.Delete(h.quotasKey); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	if h.keysFileKey != "" {
 		if _, err := keysFilePool.Delete(h.keysFileKey); err != nil {
 			errs = append(errs, err)
@@ -387,6 +539,7 @@ func (h *Handler) Cleanup() error {
 var (
 	limiterPool  = caddy.NewUsagePool()
 	keysFilePool = caddy.NewUsagePool()
+	quotaPool    = caddy.NewUsagePool()
 )
 
 func compileSource(s KeySource) (source, error) {
