@@ -309,7 +309,11 @@ is any problem.`,
 		for _, p := range problems {
 			fmt.Fprintln(out, p)
 		}
-		if len(problems) > 0 {
+		switch len(problems) {
+		case 0:
+		case 1:
+			return fmt.Errorf("%s: 1 problem", path)
+		default:
 			return fmt.Errorf("%s: %d problems", path, len(problems))
 		}
 		fmt.Fprintf(out, "%s: %d keys, no problems\n", path, keys)
@@ -328,14 +332,26 @@ func checkKeysFile(path string, plans []map[string]bool) ([]string, int, error) 
 	if err != nil {
 		return nil, 0, fmt.Errorf("reading keys file: %w", err)
 	}
-	f, err := keysedit.Load(path)
-	if err != nil {
-		return nil, 0, err
+	// The entries are read one by one, so that one bad entry (or a
+	// duplicate id, which keeps the file from being edited) does not hide
+	// the others' problems.
+	var top struct {
+		Keys []json.RawMessage `json:"keys"`
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&top); err != nil || top.Keys == nil {
+		// Not even the outline of a keys file: the server's parser says
+		// where and why.
+		if _, perr := parseKeysFile(data); perr != nil {
+			return nil, 0, fmt.Errorf("loading keys file %s: %w", path, perr)
+		}
+		return nil, 0, fmt.Errorf("reading keys file %s: %v", path, err)
 	}
 	var problems []string
 	byID := make(map[string]int)
 	byDigest := make(map[[32]byte]int)
-	for i, raw := range f.Entries() {
+	for i, raw := range top.Keys {
 		var e keyFileEntry
 		dec := json.NewDecoder(bytes.NewReader(raw))
 		dec.DisallowUnknownFields()
@@ -372,7 +388,7 @@ func checkKeysFile(path string, plans []map[string]bool) ([]string, int, error) 
 			problems = append(problems, err.Error())
 		}
 	}
-	return problems, f.Len(), nil
+	return problems, len(top.Keys), nil
 }
 
 // configPlans adapts a Caddy config and returns, for each api_key handler

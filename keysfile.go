@@ -638,10 +638,17 @@ func (kf *keysFile) addCheck(h *Handler, check func(*keySet) error) error {
 	return nil
 }
 
+// removeCheck drops h's check. A version of the file that was refused
+// may pass the checks that are left (a reload that adds a plan and a key
+// on it is first checked against the old config too), so the next check
+// reads the file again.
 func (kf *keysFile) removeCheck(h *Handler) {
 	kf.mu.Lock()
 	defer kf.mu.Unlock()
 	delete(kf.checks, h)
+	if kf.err != nil {
+		kf.stamp, kf.sum = fileStamp{}, [32]byte{}
+	}
 }
 
 func diffSets(old, cur *keySet) (added, removed int) {
