@@ -44,6 +44,7 @@ type e2eCaddy struct {
 	errorLog  string // Caddy's default log (everything but access logs), JSON lines
 	storage   string // Caddy's storage directory, not the user's
 	config    []byte // the JSON config it runs
+	global    string // more global options
 	client    *http.Client
 }
 
@@ -62,8 +63,15 @@ func e2eStart(t *testing.T, site string) *e2eCaddy {
 // the error of caddy.Load.
 func e2eTryStart(t *testing.T, site string) (*e2eCaddy, error) {
 	t.Helper()
+	return e2eTryStartGlobal(t, "", site)
+}
+
+// e2eTryStartGlobal is e2eTryStart with more global options.
+func e2eTryStartGlobal(t *testing.T, global, site string) (*e2eCaddy, error) {
+	t.Helper()
 	dir := t.TempDir()
 	c := &e2eCaddy{
+		global:    global,
 		port:      e2eFreePort(t),
 		accessLog: filepath.Join(dir, "access.log"),
 		errorLog:  filepath.Join(dir, "caddy.log"),
@@ -98,14 +106,23 @@ func (c *e2eCaddy) adapt(t *testing.T, site string) []byte {
 	log {
 		output file %s
 		format json
-	}
+	}%s
 }
 
 :%d {
 %s
 }
-`, c.storage, c.errorLog, c.port, site)
+`, c.storage, c.errorLog, indentBlock(c.global), c.port, site)
 	return e2eAdapt(t, []byte(caddyfile))
+}
+
+// indentBlock indents the lines of a Caddyfile block by one tab, after a
+// line break; it is empty for an empty block.
+func indentBlock(s string) string {
+	if s == "" {
+		return ""
+	}
+	return "\n\t" + strings.ReplaceAll(strings.TrimSuffix(s, "\n"), "\n", "\n\t")
 }
 
 // reload loads config in place of the running one, as a config reload
@@ -1164,5 +1181,53 @@ func TestE2EHostileRequests(t *testing.T) {
 	}
 	if resp := c.get(t, "/after", bearer(e2eKey1)); resp.status != 200 || resp.body != "key=one" {
 		t.Errorf("after the hostile requests: %d %q", resp.status, resp.body)
+	}
+}
+
+// TestE2ERestrictionsTrustedProxies checks that allow_ips reads Caddy's
+// client address: X-Forwarded-For counts only from a trusted proxy.
+func TestE2ERestrictionsTrustedProxies(t *testing.T) {
+	keys := filepath.Join(t.TempDir(), "keys.json")
+	e2eWriteFile(t, keys, []byte(`{"keys": [
+		{"id": "office", "hash": "`+e2eHash(e2eKey1)+`", "allow_ips": ["203.0.113.0/24"]},
+		{"id": "local", "hash": "`+e2eHash(e2eKey2)+`", "allow_ips": ["127.0.0.1"], "allow_methods": ["GET"]}
+	]}`))
+	site := "api_key {\n\tkeys_file " + keys + "\n}\nrespond \"{http.api_key.id}\""
+	from := func(ip string, key string) http.Header {
+		h := bearer(key)
+		if ip != "" {
+			h.Set("X-Forwarded-For", ip)
+		}
+		return h
+	}
+	tests := []struct {
+		name   string
+		global string
+		header http.Header
+		status int
+		apiKey map[string]string
+	}{
+		{"trusted proxy, office client", "servers {\n\ttrusted_proxies static 127.0.0.1/32\n}",
+			from("203.0.113.9", e2eKey1), 200, map[string]string{"id": "office", "outcome": "ok"}},
+		{"trusted proxy, other client", "servers {\n\ttrusted_proxies static 127.0.0.1/32\n}",
+			from("198.51.100.1", e2eKey1), 403, map[string]string{"id": "office", "outcome": "forbidden", "restriction": "ip"}},
+		{"untrusted forwarded header", "",
+			from("203.0.113.9", e2eKey1), 403, map[string]string{"id": "office", "outcome": "forbidden", "restriction": "ip"}},
+		{"direct loopback client", "",
+			from("", e2eKey2), 200, map[string]string{"id": "local", "outcome": "ok"}},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := e2eTryStartGlobal(t, tt.global, site)
+			if err != nil {
+				t.Fatalf("loading config: %v", err)
+			}
+			uri := fmt.Sprintf("/r%d", i)
+			resp := c.get(t, uri, tt.header)
+			if resp.status != tt.status {
+				t.Errorf("status %d, want %d", resp.status, tt.status)
+			}
+			e2eCheckAccessEntry(t, c.accessEntry(t, uri), tt.status, tt.apiKey["id"], tt.apiKey)
+		})
 	}
 }
