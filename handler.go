@@ -64,6 +64,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if found == 0 {
 		return h.reject(w, r, repl, outcomeMissing)
 	}
+	// The key leaves the request before anything else sees it, whatever
+	// the outcome, so that handle_errors cannot show it either. (Caddy
+	// puts the original URI back for handle_errors, so a key that came in
+	// the query is there again.) key stays valid: strings are immutable.
+	if !h.PassKey {
+		h.removeKey(r, found)
+	}
 	// A key in this site's format with a wrong checksum was made up: no
 	// lookup for it.
 	if len(h.prefixes) != 0 && !h.checkFormat(key) {
@@ -86,13 +93,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		if failed := restr.check(r, clientIP(r)); failed != "" {
 			return h.refuse(r, repl, rec, outcomeForbidden, failed, http.StatusForbidden, errForbidden)
 		}
-	}
-
-	// The key leaves the request before anything else sees it. (Caddy
-	// puts the original URI back for handle_errors, so a key that came in
-	// the query is there again.)
-	if !h.PassKey {
-		h.removeKey(r, found)
 	}
 
 	lim, pol := h.limitOf(rec, pl)

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"path/filepath"
 	"reflect"
 	"runtime"
 	"strings"
@@ -728,5 +729,41 @@ func TestLimiterSweeper(t *testing.T) {
 	}
 	if err := l.Destruct(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// The key leaves the request whatever the outcome, so that handle_errors
+// cannot show it; with pass_key it stays.
+func TestKeyRemovedOnRejection(t *testing.T) {
+	keys := filepath.Join(t.TempDir(), "keys.json")
+	if err := os.WriteFile(keys, []byte(`{"keys": [
+		{"id": "off", "hash": "`+hashOf(testKeyA)+`", "disabled": true},
+		{"id": "get", "hash": "`+hashOf(testKeyB)+`", "allow_methods": ["GET"]}]}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, pass := range []bool{false, true} {
+		h := newTestHandler(t, &Handler{KeysFile: keys, PassKey: pass})
+		for _, tc := range []struct {
+			name   string
+			method string
+			key    string
+			status int
+		}{
+			{"unknown", "GET", "nobody", 401},
+			{"disabled", "GET", testKeyA, 401},
+			{"forbidden", "POST", testKeyB, 403},
+		} {
+			t.Run(fmt.Sprintf("%s pass_key=%v", tc.name, pass), func(t *testing.T) {
+				p := prepare("/", http.Header{"X-Api-Key": {tc.key}})
+				p.r.Method = tc.method
+				var he caddyhttp.HandlerError
+				if err := h.ServeHTTP(p.w, p.r, &nextRecorder{}); !errorsAs(err, &he) || he.StatusCode != tc.status {
+					t.Fatalf("err = %v, want %d", err, tc.status)
+				}
+				if got, want := p.r.Header.Get("X-Api-Key") != "", pass; got != want {
+					t.Errorf("key still in the request: %v, want %v", got, want)
+				}
+			})
+		}
 	}
 }

@@ -142,6 +142,14 @@ func parsePrefix(s string) (netip.Prefix, error) {
 		if err != nil {
 			return p, fmt.Errorf("%q is not a CIDR prefix", s)
 		}
+		// Client addresses are compared unmapped, so an IPv4-mapped
+		// prefix (::ffff:10.0.0.0/104) becomes the IPv4 one it means.
+		if p.Addr().Is4In6() {
+			if p.Bits() < 96 {
+				return p, fmt.Errorf("%q mixes IPv4-mapped and other IPv6 addresses; give the IPv4 prefix", s)
+			}
+			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+		}
 		return p.Masked(), nil
 	}
 	a, err := netip.ParseAddr(s)
