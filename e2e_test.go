@@ -1231,3 +1231,29 @@ func TestE2ERestrictionsTrustedProxies(t *testing.T) {
 		})
 	}
 }
+
+// TestE2EQuotaSurvivesReload checks that quota counts outlive a config
+// reload, as rate-limit state does.
+func TestE2EQuotaSurvivesReload(t *testing.T) {
+	keys := filepath.Join(t.TempDir(), "keys.json")
+	e2eWriteFile(t, keys, e2eKeysJSON(t, e2eKey{ID: "one", Key: e2eKey1}))
+	site := "api_key {\n\tkeys_file " + keys + "\n\tquota_file " + filepath.Join(t.TempDir(), "q.db") + "\n\tquota 5/day\n}\nrespond "
+	day := time.Now().UTC().YearDay()
+	c := e2eStart(t, site+"first")
+	for i := 1; i <= 3; i++ {
+		if resp := c.get(t, "/", bearer(e2eKey1)); resp.status != 200 {
+			t.Fatalf("request %d: status %d, want 200", i, resp.status)
+		}
+	}
+	c.reload(t, c.adapt(t, site+"second"))
+	resp := c.get(t, "/", bearer(e2eKey1))
+	if resp.status != 200 || resp.body != "second" {
+		t.Fatalf("after reload: %d %q, want 200 second", resp.status, resp.body)
+	}
+	if time.Now().UTC().YearDay() != day {
+		t.Skip("a UTC midnight passed: the daily count started again")
+	}
+	if got := resp.header.Get("RateLimit"); !strings.HasPrefix(got, `"quota";r=1;t=`) {
+		t.Errorf("RateLimit after reload = %q, want the count kept (r=1)", got)
+	}
+}
