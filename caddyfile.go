@@ -44,6 +44,20 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		}
 //		prefix <prefix>
 //		quota_file <path>
+//		redis {
+//			address <host:port>...
+//			master_name <name>
+//			username <name>
+//			password <secret>
+//			db <n>
+//			tls
+//			key_prefix <prefix>
+//			timeout <duration>
+//		}
+//		store redis | file
+//		limits redis | local
+//		on_store_error deny | allow_cached
+//		on_limiter_error local | allow | deny
 //		cache {
 //			size <n>
 //			ttl <duration>
@@ -212,6 +226,49 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			h.Prefixes = append(h.Prefixes, p)
 
+		case "store", "limits", "on_store_error", "on_limiter_error":
+			if err := once(name); err != nil {
+				return err
+			}
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			val := d.Val()
+			allowed := map[string][]string{
+				"store":            {"file", "redis"},
+				"limits":           {"local", "redis"},
+				"on_store_error":   {storeErrorDeny, storeErrorAllowCached},
+				"on_limiter_error": {limiterErrorLocal, limiterErrorAllow, limiterErrorDeny},
+			}[name]
+			if !slices.Contains(allowed, val) {
+				return d.Errf("%s %q: want %s", name, val, strings.Join(allowed, " or "))
+			}
+			if d.NextArg() {
+				return d.Errf("%s: unexpected argument %q", name, d.Val())
+			}
+			switch name {
+			case "store":
+				h.Store = val
+			case "limits":
+				h.Limits = val
+			case "on_store_error":
+				h.OnStoreError = val
+			case "on_limiter_error":
+				h.OnLimiterError = val
+			}
+
+		case "redis":
+			if err := once(name); err != nil {
+				return err
+			}
+			if d.NextArg() {
+				return d.Errf("redis: unexpected argument %q (settings go in a block)", d.Val())
+			}
+			h.Redis = new(RedisConfig)
+			if err := h.Redis.unmarshalCaddyfile(d); err != nil {
+				return err
+			}
+
 		case "quota_file":
 			if err := once(name); err != nil {
 				return err
@@ -264,8 +321,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return d.Errf("unknown subdirective %q", name)
 		}
 	}
-	if h.KeysFile == "" && len(h.Keys) == 0 {
-		return d.Err("api_key: no keys; add keys_file <path> or key <id> <key>")
+	if h.KeysFile == "" && len(h.Keys) == 0 && h.Store != "redis" {
+		return d.Err("api_key: no keys; add keys_file <path> or key <id> <key>, or store redis")
+	}
+	if (h.Store == "redis" || h.Limits == "redis") && h.Redis == nil {
+		return d.Err("api_key: store redis and limits redis need a redis block")
 	}
 	return nil
 }
@@ -380,6 +440,63 @@ func sameSourceName(a, b KeySource) bool {
 		return strings.EqualFold(a.Name, b.Name)
 	}
 	return a.Name == b.Name
+}
+
+func (rc *RedisConfig) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		name := d.Val()
+		if seen[name] {
+			return d.Errf("redis: duplicate %s", name)
+		}
+		seen[name] = true
+		if name == "address" {
+			rc.Addresses = d.RemainingArgs()
+			if len(rc.Addresses) == 0 {
+				return d.Errf("redis: address needs at least one host:port")
+			}
+			continue
+		}
+		if name == "tls" {
+			if d.NextArg() {
+				return d.Errf("redis: tls: unexpected argument %q", d.Val())
+			}
+			rc.TLS = true
+			continue
+		}
+		if !d.NextArg() {
+			return d.Errf("redis: %s needs a value", name)
+		}
+		val := d.Val()
+		switch name {
+		case "master_name":
+			rc.MasterName = val
+		case "username":
+			rc.Username = val
+		case "password":
+			rc.Password = val
+		case "db":
+			n, err := strconv.Atoi(val)
+			if err != nil || n < 0 {
+				return d.Errf("redis: db %q: must be a whole number from 0", val)
+			}
+			rc.DB = n
+		case "key_prefix":
+			rc.KeyPrefix = val
+		case "timeout":
+			dur, err := caddy.ParseDuration(val)
+			if err != nil || dur <= 0 {
+				return d.Errf("redis: timeout %q: must be a positive duration such as 50ms", val)
+			}
+			rc.Timeout = caddy.Duration(dur)
+		default:
+			return d.Errf("redis: unknown setting %q", name)
+		}
+		if d.NextArg() {
+			return d.Errf("redis: %s: unexpected argument %q", name, d.Val())
+		}
+	}
+	return nil
 }
 
 func (c *CacheConfig) unmarshalCaddyfile(d *caddyfile.Dispenser) error {

@@ -133,6 +133,9 @@ func (c *e2eCaddy) reload(t *testing.T, config []byte) {
 		t.Fatalf("reloading config: %v", err)
 	}
 	c.config = config
+	// The old server closes its idle connections as it stops; a request
+	// sent on one of them just then would read EOF.
+	c.client.CloseIdleConnections()
 }
 
 // e2eFreePort returns a loopback TCP port that was free a moment ago.

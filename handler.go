@@ -7,6 +7,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"time"
 	"unsafe"
 
 	"github.com/caddyserver/caddy/v2"
@@ -77,9 +78,22 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return h.reject(w, r, repl, outcomeInvalid)
 	}
 	digest := sha256.Sum256(unsafe.Slice(unsafe.StringData(key), len(key)))
-	rec := h.find(&digest)
+	rec, err := h.find(r, &digest)
+	if err != nil {
+		return h.storeUnavailable(w, r, repl)
+	}
 	if rec == nil {
 		return h.reject(w, r, repl, outcomeInvalid)
+	}
+	// With keys in Redis, a key found in the cache while Redis is down
+	// may have been revoked since: on_store_error says whether to trust
+	// it.
+	var degraded string
+	if h.redisStore && h.redis.down.Load() {
+		if h.onStoreError != storeErrorAllowCached {
+			return h.storeUnavailable(w, r, repl)
+		}
+		degraded = degradedCachedKey
 	}
 	if outcome, err := h.lifecycle(rec); err != nil {
 		w.Header().Set("WWW-Authenticate", h.challengeBad)
@@ -101,43 +115,119 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	q := h.quotaOf(rec, pl)
 	if lim.IsZero() && q.IsZero() {
-		h.setIdentity(r, repl, rec, (*logOK)(rec))
-		return next.ServeHTTP(w, r)
+		return h.admit(w, r, next, repl, rec, degraded)
 	}
-	var qd quota.Decision
+	if h.redisLimits {
+		d, err := h.redisDecide(r, rec, lim, q)
+		if err == nil {
+			return h.answer(w, r, next, repl, rec, pol, d, q, degraded)
+		}
+		switch h.onLimiterError {
+		case limiterErrorAllow:
+			return h.admit(w, r, next, repl, rec, degradedUnlimited)
+		case limiterErrorDeny:
+			w.Header().Set("Retry-After", "1")
+			return h.refuse(r, repl, rec, outcomeLimiterUnavailable, "", http.StatusTooManyRequests, errLimiterUnavailable)
+		}
+		degraded = degradedLocalLimits
+	}
+	var d redisDecision
 	if !q.IsZero() {
 		// Over quota already: refuse without spending a rate token.
-		if qd = h.quotas.Peek(quotaName(rec), q); !qd.Allowed {
-			return h.overQuota(w, r, repl, rec, q, qd)
+		if d.quota = h.quotas.Peek(quotaName(rec), q); !d.quota.Allowed {
+			d.over = outcomeQuotaExceeded
+			return h.answer(w, r, next, repl, rec, pol, d, q, degraded)
 		}
 	}
-	var d ratelimit.Decision
 	if !lim.IsZero() {
-		d = h.limiter.decide(&rec.digest, lim)
-		if !d.Allowed {
-			setRateHeaders(w.Header(), pol, d, q, qd)
-			w.Header().Set("Retry-After", strconv.FormatInt(max(1, ratelimit.CeilSeconds(d.RetryAfter)), 10))
-			return h.refuse(r, repl, rec, outcomeRateLimited, "", http.StatusTooManyRequests, errRateLimited)
+		if d.rate = h.limiter.decide(&rec.digest, lim); !d.rate.Allowed {
+			d.over = outcomeRateLimited
+			return h.answer(w, r, next, repl, rec, pol, d, q, degraded)
 		}
 	}
 	if !q.IsZero() {
 		// Only admitted requests count; a request that lost the last
 		// call of the period to another between Peek and Take is over.
-		if qd = h.quotas.Take(quotaName(rec), q); !qd.Allowed {
-			return h.overQuota(w, r, repl, rec, q, qd)
+		if d.quota = h.quotas.Take(quotaName(rec), q); !d.quota.Allowed {
+			d.over = outcomeQuotaExceeded
 		}
 	}
-	setRateHeaders(w.Header(), pol, d, q, qd)
-	h.setIdentity(r, repl, rec, (*logOK)(rec))
+	return h.answer(w, r, next, repl, rec, pol, d, q, degraded)
+}
+
+// Values of the log field's degraded: why a request was admitted in a
+// way it would not be with Redis up.
+const (
+	degradedCachedKey   = "cached_key"   // Redis down, key from the cache (allow_cached)
+	degradedLocalLimits = "local_limits" // Redis down, this server's counters (local)
+	degradedUnlimited   = "unlimited"    // Redis down, no counting (allow)
+)
+
+// answer sends the response of a decision on a key's limits: 429 when
+// it is over one, else on to next, with the rate headers either way.
+func (h *Handler) answer(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, repl *caddy.Replacer, rec *keyRecord, pol *policy, d redisDecision, q quota.Quota, degraded string) error {
+	switch d.over {
+	case outcomeQuotaExceeded:
+		setRateHeaders(w.Header(), nil, ratelimit.Decision{}, q, d.quota)
+		w.Header().Set("Retry-After", strconv.FormatInt(max(1, ratelimit.CeilSeconds(d.quota.Reset)), 10))
+		return h.refuse(r, repl, rec, outcomeQuotaExceeded, "", http.StatusTooManyRequests, errQuotaExceeded)
+	case outcomeRateLimited:
+		setRateHeaders(w.Header(), pol, d.rate, q, d.quota)
+		w.Header().Set("Retry-After", strconv.FormatInt(max(1, ratelimit.CeilSeconds(d.rate.RetryAfter)), 10))
+		return h.refuse(r, repl, rec, outcomeRateLimited, "", http.StatusTooManyRequests, errRateLimited)
+	}
+	setRateHeaders(w.Header(), pol, d.rate, q, d.quota)
+	return h.admit(w, r, next, repl, rec, degraded)
+}
+
+// admit names the key and hands the request on.
+func (h *Handler) admit(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, repl *caddy.Replacer, rec *keyRecord, degraded string) error {
+	if degraded == "" {
+		h.setIdentity(r, repl, rec, (*logOK)(rec))
+	} else {
+		h.setIdentity(r, repl, rec, &logRefused{rec: rec, outcome: outcomeOK, degraded: degraded})
+	}
 	return next.ServeHTTP(w, r)
 }
 
-// overQuota answers a request of a key that has used its quota: 429 until
-// the period ends.
-func (h *Handler) overQuota(w http.ResponseWriter, r *http.Request, repl *caddy.Replacer, rec *keyRecord, q quota.Quota, qd quota.Decision) error {
-	setRateHeaders(w.Header(), nil, ratelimit.Decision{}, q, qd)
-	w.Header().Set("Retry-After", strconv.FormatInt(max(1, ratelimit.CeilSeconds(qd.Reset)), 10))
-	return h.refuse(r, repl, rec, outcomeQuotaExceeded, "", http.StatusTooManyRequests, errQuotaExceeded)
+// redisDecide decides a request in Redis, or from the memory of a recent
+// denial (the local pre-check), which spares Redis a round trip for a key
+// that is clearly over.
+func (h *Handler) redisDecide(r *http.Request, rec *keyRecord, lim ratelimit.Limit, q quota.Quota) (redisDecision, error) {
+	now := time.Now()
+	if dk, ok := h.redis.denied.get(&rec.digest, now.UnixNano()); ok {
+		d := dk.d
+		left := time.Duration(dk.until - now.UnixNano())
+		d.rate.RetryAfter, d.quota.Reset = left, min(d.quota.Reset, left)
+		return d, nil
+	}
+	d, err := h.redis.decide(r.Context(), &rec.digest, lim, q)
+	if err != nil {
+		return d, err
+	}
+	switch d.over {
+	case outcomeRateLimited:
+		h.redis.denied.put(&rec.digest, deniedKey{until: now.Add(d.rate.RetryAfter).UnixNano(), d: d})
+	case outcomeQuotaExceeded:
+		h.redis.denied.put(&rec.digest, deniedKey{until: now.Add(d.quota.Reset).UnixNano(), d: d})
+	}
+	return d, nil
+}
+
+// storeUnavailable answers a request whose key could not be looked up
+// because Redis is down (on_store_error deny, or a key not in the cache):
+// 401 without the invalid_token error, since the key may well be good,
+// and Retry-After: 1. It is never a 5xx.
+func (h *Handler) storeUnavailable(w http.ResponseWriter, r *http.Request, repl *caddy.Replacer) error {
+	if repl != nil {
+		repl.Map(providerStoreUnavailable)
+	}
+	if extra, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields); ok {
+		setLogField(extra, zap.Object("api_key", logStoreUnavailable))
+	}
+	w.Header().Set("WWW-Authenticate", h.challengeMiss)
+	w.Header().Set("Retry-After", "1")
+	return caddyhttp.Error(http.StatusUnauthorized, errStoreUnavailable)
 }
 
 // refuse answers a request made with a known key that may not pass: the
@@ -213,23 +303,44 @@ func quotaName(rec *keyRecord) string {
 }
 
 // find returns the record of the key with this digest, or nil. It asks the
-// cache first and remembers what the key set answered.
-func (h *Handler) find(digest *[32]byte) *keyRecord {
+// cache first and remembers what the key set (or Redis) answered; an error
+// is a lookup in Redis that failed, which is not remembered.
+func (h *Handler) find(r *http.Request, digest *[32]byte) (*keyRecord, error) {
 	var set *keySet
 	var gen uint64
-	if h.keysFile != nil {
+	switch {
+	case h.keysFile != nil:
 		set = h.keysFile.set.Load()
 		gen = set.gen
+	case h.redisStore:
+		gen = h.redis.gen.Load()
 	}
 	if rec, ok := h.cache.get(digest, gen); ok {
-		return rec
+		return rec, nil
 	}
 	rec := h.inline[*digest]
 	if rec == nil && set != nil {
 		rec = set.byDigest[*digest]
 	}
+	if rec == nil && h.redisStore {
+		var err error
+		if rec, err = h.redis.lookup(r.Context(), digest); err != nil {
+			var bad badRecordError
+			if !errors.As(err, &bad) {
+				return nil, err
+			}
+			// A record that does not check out: logged, and the key
+			// treated as unknown.
+			h.logger.Error("key in redis refused", zap.Error(err))
+			rec = nil
+		}
+		if rec != nil && rec.plan != "" && h.plans[rec.plan] == nil {
+			h.logger.Error("key in redis refused: unknown plan", zap.String("id", rec.id), zap.String("plan", rec.plan))
+			rec = nil
+		}
+	}
 	h.cache.put(digest, gen, rec)
-	return rec
+	return rec, nil
 }
 
 // limitOf returns the rate limit that applies to rec and its
@@ -369,6 +480,7 @@ type (
 		rec         *keyRecord
 		outcome     string
 		restriction string
+		degraded    string
 	}
 )
 
@@ -390,6 +502,9 @@ func (l *logRefused) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 	if l.restriction != "" {
 		enc.AddString("restriction", l.restriction)
 	}
+	if l.degraded != "" {
+		enc.AddString("degraded", l.degraded)
+	}
 	return nil
 }
 
@@ -402,8 +517,11 @@ var (
 	logMissing = func() *logOutcome { o := logOutcome(outcomeMissing); return &o }()
 	logInvalid = func() *logOutcome { o := logOutcome(outcomeInvalid); return &o }()
 
-	providerMissing = outcomeProvider(outcomeMissing)
-	providerInvalid = outcomeProvider(outcomeInvalid)
+	logStoreUnavailable = func() *logOutcome { o := logOutcome(outcomeStoreUnavailable); return &o }()
+
+	providerMissing          = outcomeProvider(outcomeMissing)
+	providerInvalid          = outcomeProvider(outcomeInvalid)
+	providerStoreUnavailable = outcomeProvider(outcomeStoreUnavailable)
 )
 
 // outcomeProvider answers {http.api_key.outcome} for a request with no

@@ -511,7 +511,11 @@ func TestCacheGeneration(t *testing.T) {
 	h := newTestHandler(t, &Handler{KeysFile: path})
 	find := func(key string) *keyRecord {
 		d := sha256.Sum256([]byte(key))
-		return h.find(&d)
+		rec, err := h.find(httptest.NewRequest("GET", "/", nil), &d)
+		if err != nil {
+			t.Fatalf("find: %v", err)
+		}
+		return rec
 	}
 	for range 3 {
 		if rec := find("key-a"); rec == nil || rec.id != "a" {

@@ -1,7 +1,9 @@
 package apikey
 
 import (
+	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/textproto"
@@ -93,6 +95,32 @@ type Handler struct {
 	// api_key/quotas.db in Caddy's data directory.
 	QuotaFile string `json:"quota_file,omitempty"`
 
+	// Redis connects to Redis, for keys (Store) and counters (Limits)
+	// that several Caddy servers share.
+	Redis *RedisConfig `json:"redis,omitempty"`
+
+	// Store is where keys are looked up: "file" (the keys file and the
+	// keys given in the config) or "redis" (the keys given in the config,
+	// then Redis; needs Redis and no keys file). Default: file.
+	Store string `json:"store,omitempty"`
+
+	// Limits is where rate-limit and quota counters live: "local" (this
+	// Caddy process; quotas in QuotaFile) or "redis" (shared by every
+	// server that uses the same Redis). Default: local.
+	Limits string `json:"limits,omitempty"`
+
+	// OnStoreError says what happens, with Store redis, while Redis cannot
+	// be reached: "deny" refuses every key (401, outcome
+	// store_unavailable); "allow_cached" keeps admitting keys found in the
+	// cache. Keys not in the cache are never admitted. Default: deny.
+	OnStoreError string `json:"on_store_error,omitempty"`
+
+	// OnLimiterError says what happens, with Limits redis, while Redis
+	// cannot be reached: "local" counts on this server's own counters,
+	// "allow" admits without counting, "deny" refuses (429, outcome
+	// limiter_unavailable). Default: local.
+	OnLimiterError string `json:"on_limiter_error,omitempty"`
+
 	// Cache configures the cache of key lookups.
 	Cache *CacheConfig `json:"cache,omitempty"`
 
@@ -121,6 +149,13 @@ type Handler struct {
 	quotas        *quota.Store
 	quotasKey     string
 	now           func() int64 // unix nanoseconds, for expiry
+
+	redis          *redisBackend
+	redisKey       string
+	redisStore     bool
+	redisLimits    bool
+	onStoreError   string
+	onLimiterError string
 	challengeMiss string
 	challengeBad  string
 	logger        *zap.Logger
@@ -249,7 +284,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		h.defaultQuota = q
 	}
-	needQuotas := !h.defaultQuota.IsZero() || h.KeysFile != ""
+	needQuotas := !h.defaultQuota.IsZero() || h.KeysFile != "" || h.Store == "redis"
 	h.plans = make(map[string]*plan, len(h.Plans))
 	for name, p := range h.Plans {
 		cp, err := compilePlan(name, p)
@@ -268,6 +303,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.now == nil {
 		h.now = func() int64 { return time.Now().UnixNano() }
+	}
+
+	if err := h.provisionRedis(repl); err != nil {
+		return err
 	}
 
 	cc := CacheConfig{Size: defaultCacheSize, TTL: caddy.Duration(defaultCacheTTL), NegativeTTL: caddy.Duration(defaultNegativeTTL)}
@@ -355,6 +394,41 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		if err := h.openQuotas(repl); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// provisionRedis joins (or opens) the Redis backend, if one is configured.
+func (h *Handler) provisionRedis(repl *caddy.Replacer) error {
+	h.redisStore, h.redisLimits = h.Store == "redis", h.Limits == "redis"
+	h.onStoreError, h.onLimiterError = h.OnStoreError, h.OnLimiterError
+	if h.onStoreError == "" {
+		h.onStoreError = storeErrorDeny
+	}
+	if h.onLimiterError == "" {
+		h.onLimiterError = limiterErrorLocal
+	}
+	if h.Redis == nil {
+		return nil
+	}
+	opts, schema, timeout, err := redisOptions(*h.Redis, repl)
+	if err != nil {
+		return err
+	}
+	// One backend per distinct connection; the password is in the pool
+	// key only as a digest.
+	id, _ := json.Marshal([]any{opts.Addrs, opts.MasterName, opts.Username, sha256.Sum256([]byte(opts.Password)), opts.DB, h.Redis.TLS, schema.prefix, timeout})
+	key := "api_key.redis:" + string(id)
+	val, loaded, err := redisPool.LoadOrNew(key, func() (caddy.Destructor, error) {
+		return newRedisBackend(opts, schema, timeout, h.logger), nil
+	})
+	if err != nil {
+		return err
+	}
+	h.redisKey = key
+	h.redis = val.(*redisBackend)
+	if loaded {
+		h.redis.logger.Store(h.logger)
 	}
 	return nil
 }
@@ -485,8 +559,39 @@ func (h *Handler) warnLoggedSources() {
 
 // Validate checks the configuration.
 func (h *Handler) Validate() error {
-	if h.KeysFile == "" && len(h.Keys) == 0 {
-		return errors.New("no keys: set keys_file or key")
+	if h.KeysFile == "" && len(h.Keys) == 0 && h.Store != "redis" {
+		return errors.New("no keys: set keys_file or key, or store redis")
+	}
+	switch h.Store {
+	case "", "file":
+	case "redis":
+		if h.Redis == nil {
+			return errors.New("store redis needs a redis block")
+		}
+		if h.KeysFile != "" {
+			return errors.New("store redis and keys_file: keys are looked up in one store; import the file with caddy api-key import")
+		}
+	default:
+		return fmt.Errorf("store %q: want file or redis", h.Store)
+	}
+	switch h.Limits {
+	case "", "local":
+	case "redis":
+		if h.Redis == nil {
+			return errors.New("limits redis needs a redis block")
+		}
+	default:
+		return fmt.Errorf("limits %q: want local or redis", h.Limits)
+	}
+	switch h.OnStoreError {
+	case "", storeErrorDeny, storeErrorAllowCached:
+	default:
+		return fmt.Errorf("on_store_error %q: want deny or allow_cached", h.OnStoreError)
+	}
+	switch h.OnLimiterError {
+	case "", limiterErrorLocal, limiterErrorAllow, limiterErrorDeny:
+	default:
+		return fmt.Errorf("on_limiter_error %q: want local, allow or deny", h.OnLimiterError)
 	}
 	if h.Burst != 0 {
 		if h.Rate == "" {
@@ -522,6 +627,11 @@ func (h *Handler) Cleanup() error {
 			errs = append(errs, err)
 		}
 	}
+	if h.redisKey != "" {
+		if _, err := redisPool.Delete(h.redisKey); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	if h.keysFileKey != "" {
 		if _, err := keysFilePool.Delete(h.keysFileKey); err != nil {
 			errs = append(errs, err)
@@ -540,6 +650,7 @@ var (
 	limiterPool  = caddy.NewUsagePool()
 	keysFilePool = caddy.NewUsagePool()
 	quotaPool    = caddy.NewUsagePool()
+	redisPool    = caddy.NewUsagePool()
 )
 
 func compileSource(s KeySource) (source, error) {
