@@ -257,6 +257,40 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				},
 			},
 		},
+		{
+			name: "redis",
+			input: `api_key {
+				redis {
+					address 10.0.0.1:6379 10.0.0.2:6379
+					master_name mymaster
+					username caddy
+					password {env.REDIS_PASSWORD}
+					db 2
+					tls
+					key_prefix site1:
+					timeout 80ms
+				}
+				store redis
+				limits redis
+				on_store_error allow_cached
+				on_limiter_error deny
+			}`,
+			want: Handler{
+				Redis: &RedisConfig{Addresses: []string{"10.0.0.1:6379", "10.0.0.2:6379"}, MasterName: "mymaster",
+					Username: "caddy", Password: "{env.REDIS_PASSWORD}", DB: 2, TLS: true, KeyPrefix: "site1:",
+					Timeout: caddy.Duration(80 * time.Millisecond)},
+				Store: "redis", Limits: "redis", OnStoreError: "allow_cached", OnLimiterError: "deny",
+			},
+		},
+		{
+			name: "redis limits with a keys file",
+			input: `api_key {
+				keys_file k.json
+				redis
+				limits redis
+			}`,
+			want: Handler{KeysFile: "k.json", Redis: &RedisConfig{}, Limits: "redis"},
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -304,6 +338,13 @@ func assertHandlerConfig(t *testing.T, got, want Handler) {
 	}
 	if !reflect.DeepEqual(got.Prefixes, want.Prefixes) {
 		t.Errorf("Prefixes = %q, want %q", got.Prefixes, want.Prefixes)
+	}
+	if !reflect.DeepEqual(got.Redis, want.Redis) {
+		t.Errorf("Redis = %+v, want %+v", got.Redis, want.Redis)
+	}
+	if got.Store != want.Store || got.Limits != want.Limits || got.OnStoreError != want.OnStoreError || got.OnLimiterError != want.OnLimiterError {
+		t.Errorf("Store, Limits, OnStoreError, OnLimiterError = %q %q %q %q, want %q %q %q %q",
+			got.Store, got.Limits, got.OnStoreError, got.OnLimiterError, want.Store, want.Limits, want.OnStoreError, want.OnLimiterError)
 	}
 	if !reflect.DeepEqual(got.Plans, want.Plans) {
 		t.Errorf("Plans = %s, want %s", mustMarshal(t, got.Plans), mustMarshal(t, want.Plans))
@@ -858,6 +899,73 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 			line:  4,
 		},
 		{
+			name:  "store unknown",
+			input: "api_key {\n\tkeys_file k.json\n\tstore etcd\n}",
+			want:  `store "etcd": want file or redis`,
+			line:  3,
+		},
+		{
+			name:  "limits unknown",
+			input: "api_key {\n\tkeys_file k.json\n\tlimits global\n}",
+			want:  `limits "global": want local or redis`,
+			line:  3,
+		},
+		{
+			name:  "on_limiter_error unknown",
+			input: "api_key {\n\tkeys_file k.json\n\ton_limiter_error retry\n}",
+			want:  `on_limiter_error "retry": want local or allow or deny`,
+			line:  3,
+		},
+		{
+			name:  "duplicate store",
+			input: "api_key {\n\tkeys_file k.json\n\tstore file\n\tstore file\n}",
+			want:  "duplicate store",
+			line:  4,
+		},
+		{
+			name:  "store redis without redis",
+			input: "api_key {\n\tstore redis\n}",
+			want:  "store redis and limits redis need a redis block",
+			line:  3,
+		},
+		{
+			name:  "redis unknown setting",
+			input: "api_key {\n\tkeys_file k.json\n\tredis {\n\t\thost x\n\t}\n}",
+			want:  `redis: unknown setting "host"`,
+			line:  4,
+		},
+		{
+			name:  "redis bad db",
+			input: "api_key {\n\tkeys_file k.json\n\tredis {\n\t\tdb -1\n\t}\n}",
+			want:  `redis: db "-1"`,
+			line:  4,
+		},
+		{
+			name:  "redis bad timeout",
+			input: "api_key {\n\tkeys_file k.json\n\tredis {\n\t\ttimeout soon\n\t}\n}",
+			want:  `redis: timeout "soon"`,
+			line:  4,
+		},
+		{
+			name:  "redis address without value",
+			input: "api_key {\n\tkeys_file k.json\n\tredis {\n\t\taddress\n\t}\n}",
+			want:  "redis: address needs at least one host:port",
+			line:  4,
+		},
+		{
+			name:  "redis duplicate setting",
+			input: "api_key {\n\tkeys_file k.json\n\tredis {\n\t\tdb 1\n\t\tdb 2\n\t}\n}",
+			want:  "redis: duplicate db",
+			line:  5,
+		},
+		{
+			name:  "redis password not echoed in a surplus-argument error",
+			input: "api_key {\n\tkeys_file k.json\n\tredis {\n\t\tpassword hunter2 extra\n\t}\n}",
+			want:  `redis: password: unexpected argument "extra"`,
+			line:  4,
+			secret: "hunter2",
+		},
+		{
 			name:  "no keys in a block",
 			input: "api_key {\n\trealm r\n\tfrom bearer\n}",
 			want:  "api_key: no keys; add keys_file <path> or key <id> <key>",
@@ -1129,5 +1237,35 @@ func TestAdaptCaddyfileErrorLocation(t *testing.T) {
 	}
 	if want := `rate: burst "0": must be a whole number from 1 to 1000000000, at Caddyfile:4`; !strings.Contains(err.Error(), want) {
 		t.Errorf("error = %q, want it to contain %q", err, want)
+	}
+}
+
+func TestValidateRedisSettings(t *testing.T) {
+	tests := []struct {
+		name string
+		h    Handler
+		want string // "" for valid
+	}{
+		{"store redis", Handler{Store: "redis", Redis: &RedisConfig{}}, ""},
+		{"store redis and inline keys", Handler{Store: "redis", Redis: &RedisConfig{}, Keys: []InlineKey{{ID: "a", Key: hashOf("k")}}}, ""},
+		{"store redis without redis", Handler{Store: "redis"}, "store redis needs a redis block"},
+		{"store redis and keys_file", Handler{Store: "redis", Redis: &RedisConfig{}, KeysFile: "k.json"}, "store redis and keys_file"},
+		{"limits redis without redis", Handler{KeysFile: "k.json", Limits: "redis"}, "limits redis needs a redis block"},
+		{"bad store", Handler{KeysFile: "k.json", Store: "etcd"}, `store "etcd"`},
+		{"bad limits", Handler{KeysFile: "k.json", Limits: "x"}, `limits "x"`},
+		{"bad on_store_error", Handler{KeysFile: "k.json", OnStoreError: "allow"}, `on_store_error "allow"`},
+		{"bad on_limiter_error", Handler{KeysFile: "k.json", OnLimiterError: "retry"}, `on_limiter_error "retry"`},
+		{"no keys at all", Handler{Redis: &RedisConfig{}}, "no keys"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := tt.h.Validate()
+			switch {
+			case tt.want == "" && err != nil:
+				t.Fatalf("Validate: %v", err)
+			case tt.want != "" && (err == nil || !strings.Contains(err.Error(), tt.want)):
+				t.Fatalf("Validate = %v, want an error containing %q", err, tt.want)
+			}
+		})
 	}
 }

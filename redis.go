@@ -244,7 +244,19 @@ type redisBackend struct {
 // key sets, which count up from 1.
 const redisGenBase = 1 << 62
 
+// redisLogOnce routes go-redis's own log lines (reconnection attempts and
+// the like, which it writes to stderr by default) to Caddy's log at debug
+// level: the backend logs what matters, once per change of health.
+var redisLogOnce sync.Once
+
+type redisLog struct{}
+
+func (redisLog) Printf(_ context.Context, format string, v ...any) {
+	caddy.Log().Named("api_key.redis").Debug(fmt.Sprintf(format, v...))
+}
+
 func newRedisBackend(opts *redis.UniversalOptions, schema redisSchema, timeout time.Duration, logger *zap.Logger) *redisBackend {
+	redisLogOnce.Do(func() { redis.SetLogger(redisLog{}) })
 	b := &redisBackend{client: redis.NewUniversalClient(opts), schema: schema, timeout: timeout}
 	b.logger.Store(logger)
 	b.gen.Store(redisGenBase)
