@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"reflect"
 	"strings"
@@ -102,6 +103,9 @@ func (rec *keyRecord) replace(key string) (any, bool) {
 		return rec.ownerAny, true
 	case "plan":
 		return rec.planAny, true
+	case "restriction":
+		// Set as a static value when one fails; empty otherwise.
+		return "", true
 	case "outcome":
 		return outcomeOK, true
 	}
@@ -371,8 +375,22 @@ func parseTime(field, s string) (int64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("%q: %q is not an RFC 3339 time such as 2027-01-31T00:00:00Z", field, s)
 	}
+	// Nanoseconds since 1970 cover the years 1678 to 2262 only; times
+	// beyond are clamped, so that "9999-12-31T23:59:59Z" means never and
+	// a date long past is past (UnixNano would wrap them around).
+	switch {
+	case t.After(maxRecordTime):
+		return math.MaxInt64, nil
+	case !t.After(minRecordTime):
+		return 1, nil // 0 means unset
+	}
 	return t.UnixNano(), nil
 }
+
+var (
+	minRecordTime = time.Unix(0, 1)
+	maxRecordTime = time.Unix(0, math.MaxInt64-1)
+)
 
 // checkID accepts ids that are safe to print in logs, headers and metric
 // labels: 1 to 128 visible ASCII characters other than quotes and backslash.

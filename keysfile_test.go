@@ -779,3 +779,28 @@ func TestKeysFilePlanCheckOfOldConfigGoesAway(t *testing.T) {
 		t.Fatalf("keys = %s, want a,g", got)
 	}
 }
+
+// Times outside the years that nanoseconds since 1970 can hold are
+// clamped, not wrapped: year 9999 is never, year 1000 long past.
+func TestParseTimeFarAway(t *testing.T) {
+	h := Handler{now: func() int64 { return time.Date(2026, 11, 27, 0, 0, 0, 0, time.UTC).UnixNano() }}
+	for _, tc := range []struct {
+		name, expires, notBefore, want string
+	}{
+		{"expires in 9999", "9999-12-31T23:59:59Z", "", ""},
+		{"expires in 1000", "1000-01-01T00:00:00Z", "", outcomeExpired},
+		{"expires in 1970", "1970-01-01T00:00:00Z", "", outcomeExpired},
+		{"not before 9999", "", "9999-01-01T00:00:00Z", outcomeNotYetValid},
+		{"not before 1000", "", "1000-01-01T00:00:00Z", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rec, err := keyFileEntry{ID: "x", Hash: hash1, Expires: tc.expires, NotBefore: tc.notBefore}.record()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got, _ := h.lifecycle(rec); got != tc.want {
+				t.Errorf("outcome = %q, want %q", got, tc.want)
+			}
+		})
+	}
+}

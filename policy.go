@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"path"
 	"strings"
 
@@ -40,10 +41,14 @@ type Restrictions struct {
 	// is honoured. Default: any.
 	AllowIPs []string `json:"allow_ips,omitempty"`
 
-	// AllowReferrers lists patterns that the Referer header must match,
-	// where * matches any run of characters, such as
-	// "https://*.example.com/*". A request without Referer does not match.
-	// Default: any.
+	// AllowReferrers lists URL patterns that the Referer header must
+	// match: [scheme://]host[/path], such as "https://*.example.com/*".
+	// The scheme, host and path are matched apart: a host of "*.example.com"
+	// matches any subdomain of example.com (not example.com itself), "*"
+	// any host; a path is a glob where * matches any run of characters,
+	// and no path matches any; no scheme (or "*") means http or https. A
+	// host without a port matches the Referer's host on any port. A
+	// request without a Referer does not match. Default: any.
 	AllowReferrers []string `json:"allow_referrers,omitempty"`
 
 	// AllowMethods lists the HTTP methods allowed. Default: any.
@@ -53,7 +58,8 @@ type Restrictions struct {
 	// prefix that matches itself and what lies under it ("/v1" matches
 	// "/v1" and "/v1/users", not "/v10"); with *, a glob where * matches
 	// any run of characters, slashes included. Paths are cleaned first, so
-	// "/v1/../admin" is "/admin". Default: any.
+	// "/v1/../admin" is "/admin", and a path holding "..;" (which some
+	// backends read as "..") matches nothing. Default: any.
 	AllowPaths []string `json:"allow_paths,omitempty"`
 }
 
@@ -69,7 +75,7 @@ const (
 // is never empty.
 type restrictions struct {
 	ips       []netip.Prefix
-	referrers []string
+	referrers []referrerPattern
 	methods   []string
 	paths     []string
 }
@@ -89,15 +95,19 @@ func compileRestrictions(r Restrictions) (restrictions, error) {
 			c.ips = append(c.ips, p)
 		}
 	}
-	var err error
-	if c.referrers, err = compileList("allow_referrers", r.AllowReferrers, func(s string) (string, error) {
-		if s == "" || strings.ContainsFunc(s, func(r rune) bool { return r <= ' ' || r >= 0x7f }) {
-			return "", fmt.Errorf("%q: want a URL pattern such as https://*.example.com/*", s)
+	if r.AllowReferrers != nil {
+		if len(r.AllowReferrers) == 0 {
+			return c, errors.New(`"allow_referrers" is empty; leave it out to allow any`)
 		}
-		return s, nil
-	}); err != nil {
-		return c, err
+		for _, s := range r.AllowReferrers {
+			p, err := parseReferrerPattern(s)
+			if err != nil {
+				return c, fmt.Errorf(`"allow_referrers": %w`, err)
+			}
+			c.referrers = append(c.referrers, p)
+		}
 	}
+	var err error
 	if c.methods, err = compileList("allow_methods", r.AllowMethods, func(s string) (string, error) {
 		if !validToken(s) {
 			return "", fmt.Errorf("%q is not a method", s)
@@ -195,13 +205,96 @@ func (r *restrictions) check(req *http.Request, clientIP string) string {
 	if r.paths != nil && !matchPaths(r.paths, req.URL.Path) {
 		return restrictPath
 	}
-	if r.referrers != nil {
-		ref := req.Header.Get("Referer")
-		if ref == "" || !matchAny(r.referrers, ref) {
-			return restrictReferrer
-		}
+	if r.referrers != nil && !matchReferrer(r.referrers, req.Header.Get("Referer")) {
+		return restrictReferrer
 	}
 	return ""
+}
+
+// referrerPattern is a compiled allow_referrers entry.
+type referrerPattern struct {
+	scheme string // lower case; "" for http or https
+	host   string // lower case; "*" for any, "*.<domain>" for subdomains
+	port   bool   // host names a port
+	path   string // a glob; "" for any
+}
+
+// parseReferrerPattern reads [scheme://]host[/path].
+func parseReferrerPattern(s string) (referrerPattern, error) {
+	bad := func(why string) (referrerPattern, error) {
+		return referrerPattern{}, fmt.Errorf("%q: %s; want a URL pattern such as https://*.example.com/*", s, why)
+	}
+	if s == "" || strings.ContainsFunc(s, func(r rune) bool { return r <= ' ' || r >= 0x7f }) {
+		return bad("empty or not printable ASCII")
+	}
+	var p referrerPattern
+	rest := s
+	if scheme, after, ok := strings.Cut(s, "://"); ok {
+		if scheme != "*" {
+			p.scheme = strings.ToLower(scheme)
+		}
+		rest = after
+	}
+	host, path, hasPath := strings.Cut(rest, "/")
+	if hasPath {
+		p.path = "/" + path
+	}
+	p.host = strings.ToLower(host)
+	switch {
+	case p.host == "":
+		return bad("no host")
+	case strings.ContainsAny(p.host, "?#@/\\"), strings.ContainsAny(p.path, "?#"):
+		return bad("only scheme, host and path can be matched")
+	case p.host != "*" && strings.Contains(strings.TrimPrefix(p.host, "*."), "*"):
+		return bad(`a host may only start with "*." or be "*"`)
+	}
+	p.port = strings.Contains(strings.TrimPrefix(p.host, "*."), ":")
+	return p, nil
+}
+
+// matchReferrer reports whether the Referer ref matches one of patterns.
+// The URL is parsed, so that a pattern's host is matched against the
+// Referer's host alone: https://evil.com/.example.com/ is not a subdomain
+// of example.com.
+func matchReferrer(patterns []referrerPattern, ref string) bool {
+	if ref == "" {
+		return false
+	}
+	u, err := url.Parse(ref)
+	if err != nil || u.Host == "" || u.User != nil {
+		return false
+	}
+	scheme := strings.ToLower(u.Scheme)
+	for _, p := range patterns {
+		if p.scheme == "" {
+			if scheme != "http" && scheme != "https" {
+				continue
+			}
+		} else if scheme != p.scheme {
+			continue
+		}
+		host := strings.ToLower(u.Hostname())
+		if p.port {
+			host = strings.ToLower(u.Host)
+		}
+		switch {
+		case p.host == "*":
+		case strings.HasPrefix(p.host, "*."):
+			if suffix := p.host[1:]; len(host) <= len(suffix) || !strings.HasSuffix(host, suffix) {
+				continue
+			}
+		case host != p.host:
+			continue
+		}
+		path := u.EscapedPath()
+		if path == "" {
+			path = "/"
+		}
+		if p.path == "" || globMatch(p.path, path) {
+			return true
+		}
+	}
+	return false
 }
 
 func containsString(list []string, s string) bool {
@@ -222,20 +315,17 @@ func containsAddr(list []netip.Prefix, a netip.Addr) bool {
 	return false
 }
 
-func matchAny(patterns []string, s string) bool {
-	for _, p := range patterns {
-		if globMatch(p, s) {
-			return true
-		}
-	}
-	return false
-}
 
 // matchPaths matches a request path against path patterns, after cleaning
 // it so that dot segments cannot step out of an allowed prefix.
 func matchPaths(patterns []string, p string) bool {
 	if p == "" {
 		p = "/"
+	}
+	// Some servers (Tomcat, Spring) read "..;" as "..": such a path
+	// could step out of an allowed prefix behind Caddy's back.
+	if strings.Contains(p, "..;") {
+		return false
 	}
 	p = path.Clean(p)
 	for _, pat := range patterns {

@@ -696,8 +696,10 @@ func TestKeysFilePolicyErrors(t *testing.T) {
 		{"path relative", `"allow_paths": ["relative"]`, `"allow_paths": "relative": a path pattern starts with /`},
 		{"paths empty", `"allow_paths": []`, `"allow_paths" is empty; leave it out to allow any`},
 		{"method with a space", `"allow_methods": ["GE T"]`, `"allow_methods": "GE T" is not a method`},
-		{"referrer empty", `"allow_referrers": [""]`, `"allow_referrers": "": want a URL pattern`},
-		{"referrer with a space", `"allow_referrers": ["https://a b/"]`, `"allow_referrers": "https://a b/": want a URL pattern`},
+		{"referrer empty", `"allow_referrers": [""]`, `"allow_referrers": "": empty or not printable ASCII`},
+		{"referrer with a space", `"allow_referrers": ["https://a b/"]`, `"allow_referrers": "https://a b/": empty or not printable ASCII`},
+		{"referrer host glob inside", `"allow_referrers": ["https://a.*.example.com/"]`, `"allow_referrers": "https://a.*.example.com/": a host may only start with`},
+		{"referrer query", `"allow_referrers": ["https://example.com/?x=*"]`, `"allow_referrers": "https://example.com/?x=*": only scheme, host and path`},
 		{"quota period", `"quota": "5/fortnight"`, `"quota": quota "5/fortnight": period must be hour, day, week or month`},
 		{"quota count", `"quota": "0/day"`, `"quota": quota "0/day": count must be a whole number`},
 		{"expires not a time", `"expires": "tomorrow"`, `"expires": "tomorrow" is not an RFC 3339 time`},
@@ -1040,5 +1042,69 @@ func TestPrefixFormatCheck(t *testing.T) {
 				})
 			}
 		})
+	}
+}
+
+// A Referer pattern is matched on the parsed URL: the host part of a
+// pattern can only match the Referer's host, never a path, query,
+// fragment or user info that happens to hold the same text.
+func TestMatchReferrer(t *testing.T) {
+	compile := func(ps ...string) []referrerPattern {
+		var out []referrerPattern
+		for _, s := range ps {
+			p, err := parseReferrerPattern(s)
+			if err != nil {
+				t.Fatalf("parseReferrerPattern(%q): %v", s, err)
+			}
+			out = append(out, p)
+		}
+		return out
+	}
+	sub := compile("https://*.example.com/*")
+	tests := []struct {
+		name     string
+		patterns []referrerPattern
+		ref      string
+		want     bool
+	}{
+		{"subdomain", sub, "https://app.example.com/page", true},
+		{"deeper subdomain", sub, "https://a.b.example.com/", true},
+		{"upper case host", sub, "https://APP.Example.COM/x", true},
+		{"port on the referer", sub, "https://app.example.com:8443/x", true},
+		{"bare domain", sub, "https://example.com/", false},
+		{"other scheme", sub, "http://app.example.com/", false},
+		{"host in the path", sub, "https://evil.com/.example.com/", false},
+		{"host in the query", sub, "https://evil.com/?x=.example.com/", false},
+		{"host in the fragment", sub, "https://evil.com#.example.com/", false},
+		{"user info", sub, "https://app.example.com@evil.com/", false},
+		{"suffix without dot", sub, "https://evilexample.com/", false},
+		{"empty", sub, "", false},
+		{"not a URL", sub, "::::", false},
+		{"no scheme pattern, http", compile("*.example.com"), "http://a.example.com/anything?q=1", true},
+		{"no scheme pattern, ftp", compile("*.example.com"), "ftp://a.example.com/", false},
+		{"exact host, path prefix glob", compile("https://docs.example.com/api/*"), "https://docs.example.com/api/v1", true},
+		{"exact host, other path", compile("https://docs.example.com/api/*"), "https://docs.example.com/blog", false},
+		{"pattern with port", compile("http://localhost:3000/*"), "http://localhost:3000/x", true},
+		{"pattern with port, other port", compile("http://localhost:3000/*"), "http://localhost:4000/x", false},
+		{"any host", compile("https://*"), "https://anything.test/", true},
+		{"second pattern", compile("https://a.test/*", "https://b.test/*"), "https://b.test/x", true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := matchReferrer(tt.patterns, tt.ref); got != tt.want {
+				t.Errorf("matchReferrer(%q) = %v, want %v", tt.ref, got, tt.want)
+			}
+		})
+	}
+}
+
+func TestMatchPathsDotDotSemicolon(t *testing.T) {
+	for _, p := range []string{"/v1/reports/..;/admin", "/v1/..;", "/v1/reports/..;x"} {
+		if matchPaths([]string{"/v1/reports", "/v1"}, p) {
+			t.Errorf("matchPaths(%q) = true, want false", p)
+		}
+	}
+	if !matchPaths([]string{"/v1"}, "/v1/a;b") {
+		t.Error(`matchPaths("/v1/a;b") = false: a plain ";" is allowed`)
 	}
 }
