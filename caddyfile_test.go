@@ -959,10 +959,10 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 			line:  5,
 		},
 		{
-			name:  "redis password not echoed in a surplus-argument error",
-			input: "api_key {\n\tkeys_file k.json\n\tredis {\n\t\tpassword hunter2 extra\n\t}\n}",
-			want:  `redis: password: unexpected argument "extra"`,
-			line:  4,
+			name:   "redis password not echoed in a surplus-argument error",
+			input:  "api_key {\n\tkeys_file k.json\n\tredis {\n\t\tpassword hunter2 extra\n\t}\n}",
+			want:   `redis: password: unexpected argument "extra"`,
+			line:   4,
 			secret: "hunter2",
 		},
 		{

@@ -24,8 +24,8 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "api-key",
-		Usage: "generate|hash|list|disable|enable|remove|check [flags]",
-		Short: "Makes API keys and edits keys files for the api_key handler",
+		Usage: "generate|hash|list|disable|enable|remove|check|import [flags]",
+		Short: "Makes API keys and edits keys files or Redis for the api_key handler",
 		Long: `
 Makes API keys in the <prefix>_<random><checksum> format and edits the JSON
 keys files that the api_key handler reads. A running Caddy picks up every
@@ -33,12 +33,17 @@ edit within a few seconds, since it watches the file. Edits are atomic: the
 file is written to a temporary file, synced and renamed, and left untouched
 on any error.
 
+With --redis ADDR instead of --keys-file, generate, list, disable, enable
+and remove work on the keys in Redis (store redis), and import copies a keys
+file there. Every change in Redis is published, so that every running Caddy
+drops what it cached of the key within a second.
+
 The secret of a key is printed once, by generate, and never stored: the file
 holds its SHA-256 hash.`,
 		CobraFunc: func(cmd *cobra.Command) {
 			cmd.AddCommand(generateCommand(), hashCommand(), listCommand(),
 				stateCommand("disable"), stateCommand("enable"), stateCommand("remove"),
-				checkCommand())
+				checkCommand(), importCommand())
 		},
 	})
 }
@@ -57,12 +62,13 @@ func runE(f func(cmd *cobra.Command, args []string) error) func(*cobra.Command, 
 
 func generateCommand() *cobra.Command {
 	c := &cobra.Command{
-		Use:   "generate [--prefix P] [--id ID] [--name N] [--owner O] [--plan P] [--expires RFC3339|DURATION] [--keys-file F]",
+		Use:   "generate [--prefix P] [--id ID] [--name N] [--owner O] [--plan P] [--expires RFC3339|DURATION] [--keys-file F | --redis ADDR]",
 		Short: "Makes a new key; prints it once, then its keys-file record",
 		Long: `Makes a new key and prints two lines: the key itself (shown this once; store
 it now), then its keys-file record, which holds the key's hash, not the key.
 With --keys-file the record is also added to that file (refused if the id or
-hash is already there).`,
+hash is already there); with --redis it is written to Redis (refused
+likewise) and running servers are told.`,
 		Args: cobra.NoArgs,
 	}
 	fl := c.Flags()
@@ -73,6 +79,7 @@ hash is already there).`,
 	fl.String("plan", "", "plan name, as defined in the api_key directive")
 	fl.String("expires", "", "expiry: an RFC 3339 time, or a duration from now such as 720h or 90d")
 	fl.String("keys-file", "", "keys file to add the record to")
+	addRedisFlags(c, false)
 	c.RunE = runE(func(cmd *cobra.Command, _ []string) error {
 		get := func(name string) string { v, _ := cmd.Flags().GetString(name); return v }
 		prefix := get("prefix")
@@ -113,6 +120,10 @@ hash is already there).`,
 				return err
 			}
 			fmt.Fprintf(cmd.ErrOrStderr(), "added key %q to %s\n", id, path)
+		} else if usesRedis(cmd) {
+			if err := generateRedis(cmd, entry); err != nil {
+				return err
+			}
 		}
 		out := cmd.OutOrStdout()
 		fmt.Fprintln(out, key)
@@ -176,13 +187,16 @@ func readKey(r io.Reader) (string, error) {
 
 func listCommand() *cobra.Command {
 	c := &cobra.Command{
-		Use:   "list --keys-file F",
-		Short: "Lists the keys of a keys file: ids, names, owners, plans, expiry, state",
+		Use:   "list (--keys-file F | --redis ADDR)",
+		Short: "Lists the keys of a keys file or Redis: ids, names, owners, plans, expiry, state",
 		Args:  cobra.NoArgs,
 	}
-	c.Flags().String("keys-file", "", "keys file (required)")
-	_ = c.MarkFlagRequired("keys-file")
+	c.Flags().String("keys-file", "", "keys file (or --redis)")
+	addRedisFlags(c, true)
 	c.RunE = runE(func(cmd *cobra.Command, _ []string) error {
+		if usesRedis(cmd) {
+			return listRedis(cmd)
+		}
 		path, _ := cmd.Flags().GetString("keys-file")
 		f, err := keysedit.Load(path)
 		if err != nil {
@@ -236,20 +250,23 @@ func stateCommand(verb string) *cobra.Command {
 	short := map[string]string{
 		"disable": "Disables a key: requests with it get 401, outcome disabled",
 		"enable":  "Enables a disabled key again",
-		"remove":  "Removes a key from a keys file",
+		"remove":  "Removes a key from a keys file or Redis",
 	}[verb]
 	c := &cobra.Command{
-		Use:   verb + " --keys-file F --id ID",
+		Use:   verb + " (--keys-file F | --redis ADDR) --id ID",
 		Short: short,
 		Args:  cobra.NoArgs,
 	}
-	c.Flags().String("keys-file", "", "keys file (required)")
+	c.Flags().String("keys-file", "", "keys file (or --redis)")
 	c.Flags().String("id", "", "key id (required)")
-	_ = c.MarkFlagRequired("keys-file")
+	addRedisFlags(c, true)
 	_ = c.MarkFlagRequired("id")
 	c.RunE = runE(func(cmd *cobra.Command, _ []string) error {
 		path, _ := cmd.Flags().GetString("keys-file")
 		id, _ := cmd.Flags().GetString("id")
+		if usesRedis(cmd) {
+			return stateRedis(cmd, verb, id)
+		}
 		f, err := keysedit.Load(path)
 		if err != nil {
 			return err

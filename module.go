@@ -156,9 +156,9 @@ type Handler struct {
 	redisLimits    bool
 	onStoreError   string
 	onLimiterError string
-	challengeMiss string
-	challengeBad  string
-	logger        *zap.Logger
+	challengeMiss  string
+	challengeBad   string
+	logger         *zap.Logger
 }
 
 // KeySource is one place a key may be found in a request.

@@ -315,7 +315,6 @@ func containsAddr(list []netip.Prefix, a netip.Addr) bool {
 	return false
 }
 
-
 // matchPaths matches a request path against path patterns, after cleaning
 // it so that dot segments cannot step out of an allowed prefix.
 func matchPaths(patterns []string, p string) bool {
