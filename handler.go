@@ -320,7 +320,11 @@ func (h *Handler) find(r *http.Request, digest *[32]byte) (*keyRecord, error) {
 	}
 	rec := h.inline[*digest]
 	if rec == nil && set != nil {
-		rec = set.byDigest[*digest]
+		// A key on a plan this site does not define is refused here;
+		// loading the file logged it.
+		if rec = set.byDigest[*digest]; rec != nil && rec.plan != "" && h.plans[rec.plan] == nil {
+			rec = nil
+		}
 	}
 	if rec == nil && h.redisStore {
 		var err error

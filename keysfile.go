@@ -481,8 +481,12 @@ type keysFile struct {
 	usedSum [32]byte
 
 	// checks are what each handler that uses the file requires of a key
-	// set (that the plans its keys name exist there), under mu. A new
-	// set that fails one is not loaded.
+	// set (that the plans its keys name exist there), under mu. A config
+	// whose handler fails its check on the keys in use does not load; a
+	// new version of the file that fails one is loaded all the same (so
+	// that a typo in one key's plan cannot hold back every later edit,
+	// revocations included), the failure is logged, and that handler
+	// refuses the keys on plans it does not define.
 	checks map[*Handler]func(*keySet) error
 
 	stop    chan struct{}
@@ -617,9 +621,6 @@ func (kf *keysFile) check() error {
 		return nil
 	}
 	set, err := parseKeysFile(data)
-	if err == nil {
-		err = kf.runChecks(set)
-	}
 	if err != nil {
 		kf.err = fmt.Errorf("loading keys file %s: %w", kf.path, err)
 		return kf.err
@@ -631,14 +632,10 @@ func (kf *keysFile) check() error {
 		c.Write(zap.String("file", kf.path), zap.Int("keys", len(set.byDigest)),
 			zap.Int("added", added), zap.Int("removed", removed))
 	}
-	return nil
-}
-
-// runChecks runs every handler's check on set; kf.mu is held.
-func (kf *keysFile) runChecks(set *keySet) error {
 	for _, check := range kf.checks {
 		if err := check(set); err != nil {
-			return err
+			kf.logger.Load().Error("keys file loaded, but a site refuses some of its keys; define their plans in its api_key",
+				zap.String("file", kf.path), zap.Error(err))
 		}
 	}
 	return nil
@@ -656,17 +653,11 @@ func (kf *keysFile) addCheck(h *Handler, check func(*keySet) error) error {
 	return nil
 }
 
-// removeCheck drops h's check. A version of the file that was refused
-// may pass the checks that are left (a reload that adds a plan and a key
-// on it is first checked against the old config too), so the next check
-// reads the file again.
+// removeCheck drops h's check.
 func (kf *keysFile) removeCheck(h *Handler) {
 	kf.mu.Lock()
 	defer kf.mu.Unlock()
 	delete(kf.checks, h)
-	if kf.err != nil {
-		kf.stamp, kf.sum = fileStamp{}, [32]byte{}
-	}
 }
 
 func diffSets(old, cur *keySet) (added, removed int) {

@@ -744,11 +744,10 @@ func TestParseDigestPrefixCase(t *testing.T) {
 	}
 }
 
-// A config reload that adds a plan and, at the same time, a key on it: the
-// new file version is first checked against the old config too, which
-// refuses it; once the old config's handler is gone the file is read again
-// and loads, though it has not changed since.
-func TestKeysFilePlanCheckOfOldConfigGoesAway(t *testing.T) {
+// A config reload that adds a plan and, at the same time, a key on it:
+// the new file version loads though the old config lacks the plan (it
+// only refuses that key), so the new config finds it in use.
+func TestKeysFileVersionWithPlanOfNewConfig(t *testing.T) {
 	slowPolling(t)
 	path := filepath.Join(t.TempDir(), "keys.json")
 	writeKeysFile(t, path, keysJSON([2]string{"a", hash1}))
@@ -758,25 +757,20 @@ func TestKeysFilePlanCheckOfOldConfigGoesAway(t *testing.T) {
 	if err := kf.addCheck(oldCfg, oldCfg.checkPlans); err != nil {
 		t.Fatalf("addCheck(old): %v", err)
 	}
-
 	writeKeysFile(t, path, `{"keys": [{"id": "a", "hash": "`+hash1+`"}, {"id": "g", "hash": "`+hash2+`", "plan": "gold"}]}`)
-	if err := kf.addCheck(newCfg, newCfg.checkPlans); err != nil {
-		t.Fatalf("addCheck(new) on the keys in use: %v", err)
-	}
-	err := kf.check()
-	if err == nil || !strings.Contains(err.Error(), `key id "g": unknown plan "gold"`) {
-		t.Fatalf("check with the old config still there = %v, want unknown plan", err)
-	}
-	if got := ids(kf.set.Load()); got != "a" {
-		t.Fatalf("keys = %s, want the previous a", got)
-	}
-
-	kf.removeCheck(oldCfg)
 	if err := kf.check(); err != nil {
-		t.Fatalf("check after the old config left: %v", err)
+		t.Fatalf("check with the old config there: %v", err)
 	}
 	if got := ids(kf.set.Load()); got != "a,g" {
 		t.Fatalf("keys = %s, want a,g", got)
+	}
+	if err := kf.addCheck(newCfg, newCfg.checkPlans); err != nil {
+		t.Fatalf("addCheck(new): %v", err)
+	}
+	// A config without the plan cannot load while a key on it is in use.
+	if err := kf.addCheck(&Handler{plans: map[string]*plan{}}, (&Handler{plans: map[string]*plan{}}).checkPlans); err == nil ||
+		!strings.Contains(err.Error(), `key id "g": unknown plan "gold"`) {
+		t.Fatalf("addCheck of a config without the plan = %v, want unknown plan", err)
 	}
 }
 
