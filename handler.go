@@ -132,9 +132,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		degraded = degradedLocalLimits
 	}
 	var d redisDecision
+	var quotas *quota.Store
 	if !q.IsZero() {
+		var err error
+		if quotas, err = h.quotas.get(); err != nil {
+			h.logger.Error("quota store unavailable; requests with a quota are refused", zap.Error(err))
+			w.Header().Set("Retry-After", "1")
+			return h.refuse(r, repl, rec, outcomeLimiterUnavailable, "", http.StatusTooManyRequests, errLimiterUnavailable)
+		}
 		// Over quota already: refuse without spending a rate token.
-		if d.quota = h.quotas.Peek(quotaName(rec), q); !d.quota.Allowed {
+		if d.quota = quotas.Peek(quotaName(rec), q); !d.quota.Allowed {
 			d.over = outcomeQuotaExceeded
 			return h.answer(w, r, next, repl, rec, pol, d, q, degraded)
 		}
@@ -148,7 +155,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if !q.IsZero() {
 		// Only admitted requests count; a request that lost the last
 		// call of the period to another between Peek and Take is over.
-		if d.quota = h.quotas.Take(quotaName(rec), q); !d.quota.Allowed {
+		if d.quota = quotas.Take(quotaName(rec), q); !d.quota.Allowed {
 			d.over = outcomeQuotaExceeded
 		}
 	}

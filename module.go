@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -146,8 +148,7 @@ type Handler struct {
 	defaultQuota  quota.Quota
 	plans         map[string]*plan
 	prefixes      []string
-	quotas        *quota.Store
-	quotasKey     string
+	quotas        *quotaRef
 	now           func() int64 // unix nanoseconds, for expiry
 
 	redis          *redisBackend
@@ -284,7 +285,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		h.defaultQuota = q
 	}
-	needQuotas := !h.defaultQuota.IsZero() || h.KeysFile != "" || h.Store == "redis"
+	needQuotas := !h.defaultQuota.IsZero()
 	h.plans = make(map[string]*plan, len(h.Plans))
 	for name, p := range h.Plans {
 		cp, err := compilePlan(name, p)
@@ -390,8 +391,19 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			}
 		}
 	}
+	qpath, err := quotaPath(h.QuotaFile, repl)
+	if err != nil {
+		return err
+	}
+	h.quotas = &quotaRef{path: qpath, logger: h.logger}
+	// Quotas of the config are known now: their store is opened now, so
+	// that a store that cannot be used stops the config from loading. One
+	// that only keys (in the keys file, or Redis) may need is opened by
+	// the first request that does (quotaStore), so that a config without
+	// quotas never takes the store's lock (caddy validate beside a running
+	// Caddy would wait for it and fail).
 	if needQuotas {
-		if err := h.openQuotas(repl); err != nil {
+		if _, err := h.quotas.get(); err != nil {
 			return err
 		}
 	}
@@ -462,34 +474,79 @@ type quotaStore struct{ *quota.Store }
 
 func (s quotaStore) Destruct() error { return s.Close() }
 
-// openQuotas joins (or opens) the quota store.
-func (h *Handler) openQuotas(repl *caddy.Replacer) error {
+// quotaPath returns the absolute path of the quota store: quotaFile with
+// placeholders expanded, or the default in Caddy's data directory.
+func quotaPath(quotaFile string, repl *caddy.Replacer) (string, error) {
 	path := filepath.Join(caddy.AppDataDir(), "api_key", "quotas.db")
-	if h.QuotaFile != "" {
-		path = repl.ReplaceKnown(h.QuotaFile, "")
+	if quotaFile != "" {
+		path = repl.ReplaceKnown(quotaFile, "")
 		if path == "" {
-			return fmt.Errorf("quota_file %q expands to an empty path", h.QuotaFile)
+			return "", fmt.Errorf("quota_file %q expands to an empty path", quotaFile)
 		}
 	}
 	abs, err := filepath.Abs(path)
 	if err != nil {
-		return fmt.Errorf("quota_file %s: %w", path, err)
+		return "", fmt.Errorf("quota_file %s: %w", path, err)
 	}
-	key := "api_key.quota_store:" + abs
+	return abs, nil
+}
+
+var errHandlerClosed = errors.New("handler cleaned up")
+
+// quotaRef is a handler's hold on the quota store, which it joins (or
+// opens) on first use; a handler cleaned up opens nothing again.
+type quotaRef struct {
+	path   string
+	logger *zap.Logger
+
+	mu     sync.Mutex // guards joining and releasing
+	store  atomic.Pointer[quota.Store]
+	key    string // the usage-pool key once joined
+	closed bool
+}
+
+// get returns the store, joining it if need be.
+func (q *quotaRef) get() (*quota.Store, error) {
+	if s := q.store.Load(); s != nil {
+		return s, nil
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if s := q.store.Load(); s != nil {
+		return s, nil
+	}
+	if q.closed {
+		return nil, errHandlerClosed
+	}
+	key := "api_key.quota_store:" + q.path
 	val, _, err := quotaPool.LoadOrNew(key, func() (caddy.Destructor, error) {
-		s, err := quota.Open(abs, quotaFlushInterval, time.Now)
+		s, err := quota.Open(q.path, quotaFlushInterval, time.Now)
 		if err != nil {
 			return nil, err
 		}
 		return quotaStore{s}, nil
 	})
 	if err != nil {
-		return err
+		return nil, err
 	}
-	h.quotasKey = key
-	h.quotas = val.(quotaStore).Store
-	h.quotas.OnFlush(flushLogger(h.logger, abs))
-	return nil
+	s := val.(quotaStore).Store
+	s.OnFlush(flushLogger(q.logger, q.path))
+	q.key = key
+	q.store.Store(s)
+	return s, nil
+}
+
+// release lets go of the store, if joined.
+func (q *quotaRef) release() error {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.closed = true
+	if q.key == "" {
+		return nil
+	}
+	_, err := quotaPool.Delete(q.key)
+	q.key = ""
+	return err
 }
 
 // flushLogger logs failed background flushes of the quota store: each
@@ -622,8 +679,8 @@ func (h *Handler) Cleanup() error {
 	if h.keysFile != nil {
 		h.keysFile.removeCheck(h)
 	}
-	if h.quotasKey != "" {
-		if _, err := quotaPool.Delete(h.quotasKey); err != nil {
+	if h.quotas != nil {
+		if err := h.quotas.release(); err != nil {
 			errs = append(errs, err)
 		}
 	}

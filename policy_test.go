@@ -884,7 +884,7 @@ func TestQuota(t *testing.T) {
 				}
 			}
 			rec := polInlineRecord(t, h, testKeyA)
-			if d := h.quotas.Peek(quotaName(rec), h.defaultQuota); d.Used != 3 || d.Allowed {
+			if d := h.quotas.store.Load().Peek(quotaName(rec), h.defaultQuota); d.Used != 3 || d.Allowed {
 				t.Errorf("quota counter = %+v, want 3 used and no more allowed", d)
 			}
 		})
@@ -945,7 +945,7 @@ func TestQuotaAndRateLimitSpendNothingOnRefusal(t *testing.T) {
 			t.Errorf("admitted %d requests, want 1", admitted)
 		}
 		rec := polInlineRecord(t, h, testKeyA)
-		if d := h.quotas.Peek(quotaName(rec), h.defaultQuota); d.Used != 1 || d.Remaining != 4 {
+		if d := h.quotas.store.Load().Peek(quotaName(rec), h.defaultQuota); d.Used != 1 || d.Remaining != 4 {
 			t.Errorf("quota counter = %+v, want 1 used, 4 remaining", d)
 		}
 	})
