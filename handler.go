@@ -89,7 +89,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	// may have been revoked since: on_store_error says whether to trust
 	// it.
 	var degraded string
-	if h.redisStore && h.redis.down.Load() {
+	if h.redisStore && h.redis.down.Load() && h.inline[digest] == nil {
 		if h.onStoreError != storeErrorAllowCached {
 			return h.storeUnavailable(w, r, repl)
 		}
@@ -177,11 +177,11 @@ func (h *Handler) answer(w http.ResponseWriter, r *http.Request, next caddyhttp.
 	case outcomeQuotaExceeded:
 		setRateHeaders(w.Header(), nil, ratelimit.Decision{}, q, d.quota)
 		w.Header().Set("Retry-After", strconv.FormatInt(max(1, ratelimit.CeilSeconds(d.quota.Reset)), 10))
-		return h.refuse(r, repl, rec, outcomeQuotaExceeded, "", http.StatusTooManyRequests, errQuotaExceeded)
+		return h.refuse(r, repl, rec, outcomeQuotaExceeded, degraded, http.StatusTooManyRequests, errQuotaExceeded)
 	case outcomeRateLimited:
 		setRateHeaders(w.Header(), pol, d.rate, q, d.quota)
 		w.Header().Set("Retry-After", strconv.FormatInt(max(1, ratelimit.CeilSeconds(d.rate.RetryAfter)), 10))
-		return h.refuse(r, repl, rec, outcomeRateLimited, "", http.StatusTooManyRequests, errRateLimited)
+		return h.refuse(r, repl, rec, outcomeRateLimited, degraded, http.StatusTooManyRequests, errRateLimited)
 	}
 	setRateHeaders(w.Header(), pol, d.rate, q, d.quota)
 	return h.admit(w, r, next, repl, rec, degraded)
@@ -201,11 +201,15 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 // denial (the local pre-check), which spares Redis a round trip for a key
 // that is clearly over.
 func (h *Handler) redisDecide(r *http.Request, rec *keyRecord, lim ratelimit.Limit, q quota.Quota) (redisDecision, error) {
-	now := time.Now()
-	if dk, ok := h.redis.denied.get(&rec.digest, now.UnixNano()); ok {
-		d := dk.d
-		left := time.Duration(dk.until - now.UnixNano())
-		d.rate.RetryAfter, d.quota.Reset = left, min(d.quota.Reset, left)
+	now := time.Now().UnixNano()
+	id := deniedID{digest: rec.digest, lim: lim, quota: q}
+	gen := h.redis.gen.Load()
+	if dk, ok := h.redis.denied.get(&id, now, gen); ok {
+		// The remembered answer, aged by the time since.
+		d, elapsed := dk.d, time.Duration(now-dk.at)
+		d.rate.RetryAfter = max(0, d.rate.RetryAfter-elapsed)
+		d.rate.Reset = max(0, d.rate.Reset-elapsed)
+		d.quota.Reset = max(0, d.quota.Reset-elapsed)
 		return d, nil
 	}
 	d, err := h.redis.decide(r.Context(), &rec.digest, lim, q)
@@ -214,9 +218,9 @@ func (h *Handler) redisDecide(r *http.Request, rec *keyRecord, lim ratelimit.Lim
 	}
 	switch d.over {
 	case outcomeRateLimited:
-		h.redis.denied.put(&rec.digest, deniedKey{until: now.Add(d.rate.RetryAfter).UnixNano(), d: d})
+		h.redis.denied.put(&id, deniedKey{at: now, until: now + int64(d.rate.RetryAfter), gen: gen, d: d})
 	case outcomeQuotaExceeded:
-		h.redis.denied.put(&rec.digest, deniedKey{until: now.Add(d.quota.Reset).UnixNano(), d: d})
+		h.redis.denied.put(&id, deniedKey{at: now, until: now + int64(d.quota.Reset), gen: gen, d: d})
 	}
 	return d, nil
 }
@@ -240,8 +244,18 @@ func (h *Handler) storeUnavailable(w http.ResponseWriter, r *http.Request, repl 
 // refuse answers a request made with a known key that may not pass: the
 // placeholders and the log field name the key and the outcome (and the
 // restriction that failed, if one did).
-func (h *Handler) refuse(r *http.Request, repl *caddy.Replacer, rec *keyRecord, outcome, restriction string, status int, err error) error {
-	h.setIdentity(r, repl, rec, &logRefused{rec: rec, outcome: outcome, restriction: restriction})
+//
+// detail is the restriction that failed, for forbidden; for the other
+// outcomes it is the degraded mode the request was decided in, if any.
+func (h *Handler) refuse(r *http.Request, repl *caddy.Replacer, rec *keyRecord, outcome, detail string, status int, err error) error {
+	lf := &logRefused{rec: rec, outcome: outcome}
+	restriction := ""
+	if outcome == outcomeForbidden {
+		lf.restriction, restriction = detail, detail
+	} else {
+		lf.degraded = detail
+	}
+	h.setIdentity(r, repl, rec, lf)
 	// The key's provider answers "ok"; a static value is looked up before
 	// any provider, so these rarer outcomes cost a map entry instead of a
 	// second provider per key.
@@ -415,6 +429,9 @@ type rateHeaders struct {
 // the number of requests left now, t the seconds until the full burst is
 // back, or until the quota's period ends.
 func setRateHeaders(hdr http.Header, pol *policy, d ratelimit.Decision, q quota.Quota, qd quota.Decision) {
+	if pol == nil && q.IsZero() {
+		return
+	}
 	rh := new(rateHeaders)
 	b := rh.buf[:0]
 	if pol != nil {

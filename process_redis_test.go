@@ -97,8 +97,8 @@ func TestProcessRedisTwoServers(t *testing.T) {
 // no 5xx, and both recover when Redis is back.
 func TestProcessRedisOutage(t *testing.T) {
 	r := apikey.StartTestRedis(t)
-	deny := procSetup(t, procRedisSite(r.Addr, "\trate 100/1m\n"))
-	cached := procSetup(t, procRedisSite(r.Addr, "\trate 100/1m\n\ton_store_error allow_cached\n\ton_limiter_error local\n"))
+	deny := procSetup(t, procRedisSite(r.Addr, "\trate 100000/1m\n"))
+	cached := procSetup(t, procRedisSite(r.Addr, "\trate 100000/1m\n\ton_store_error allow_cached\n\ton_limiter_error local\n"))
 	key, record := procGenerateRedis(t, deny, r.Addr, "k1")
 	cDeny, cCached := deny.run(t), cached.run(t)
 	for _, c := range []*procCaddy{cDeny, cCached} {

@@ -236,6 +236,7 @@ type redisBackend struct {
 
 	denied deniedKeys
 
+	ps      *redis.PubSub // closed by Destruct, which ends a Receive in wait
 	cancel  context.CancelFunc
 	stopped sync.WaitGroup
 }
@@ -263,6 +264,8 @@ func newRedisBackend(opts *redis.UniversalOptions, schema redisSchema, timeout t
 	b.denied.init()
 	ctx, cancel := context.WithCancel(context.Background())
 	b.cancel = cancel
+	// Subscribe connects lazily, in Receive.
+	b.ps = b.client.Subscribe(ctx, schema.channel())
 	b.stopped.Add(2)
 	go b.listen(ctx)
 	go b.watch(ctx)
@@ -297,10 +300,10 @@ func (b *redisBackend) result(err error) {
 // since changes made in between were not heard.
 func (b *redisBackend) listen(ctx context.Context) {
 	defer b.stopped.Done()
-	ps := b.client.Subscribe(ctx, b.schema.channel())
-	defer ps.Close()
 	for {
-		msg, err := ps.Receive(ctx)
+		// Receive does not end when ctx does; Destruct closes the
+		// PubSub, which ends it.
+		msg, err := b.ps.Receive(ctx)
 		if ctx.Err() != nil {
 			return
 		}
@@ -313,6 +316,7 @@ func (b *redisBackend) listen(ctx context.Context) {
 		}
 		if err != nil {
 			b.subscribed.Store(false)
+			b.result(err)
 			select {
 			case <-ctx.Done():
 				return
@@ -322,12 +326,14 @@ func (b *redisBackend) listen(ctx context.Context) {
 	}
 }
 
-// redisWatchInterval is how often Redis's health is checked while it is
-// down (and how often denied keys are swept).
+// redisWatchInterval is how often Redis's health is checked (and denied
+// keys are swept).
 var redisWatchInterval = time.Second
 
-// watch pings Redis while it is marked down, so that recovery is noticed
-// without a request having to fail first, and sweeps the denied keys.
+// watch pings Redis every interval, so that an outage is noticed even
+// when every request is answered from the cache (on_store_error deny
+// must then refuse them), and recovery without a request having to
+// succeed first; and it sweeps the denied keys.
 func (b *redisBackend) watch(ctx context.Context) {
 	defer b.stopped.Done()
 	t := time.NewTicker(redisWatchInterval)
@@ -338,11 +344,9 @@ func (b *redisBackend) watch(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		if b.down.Load() {
-			cctx, cancel := b.command(ctx)
-			b.result(b.client.Ping(cctx).Err())
-			cancel()
-		}
+		cctx, cancel := b.command(ctx)
+		b.result(b.client.Ping(cctx).Err())
+		cancel()
 		b.denied.sweep(time.Now().UnixNano())
 	}
 }
@@ -491,6 +495,7 @@ func (b *redisBackend) decide(ctx context.Context, digest *[32]byte, lim ratelim
 // once no handler uses the backend any more.
 func (b *redisBackend) Destruct() error {
 	b.cancel()
+	_ = b.ps.Close()
 	b.stopped.Wait()
 	return b.client.Close()
 }
@@ -504,37 +509,49 @@ var _ caddy.Destructor = (*redisBackend)(nil)
 type deniedKeys struct {
 	shards [16]struct {
 		mu sync.Mutex
-		m  map[[32]byte]deniedKey
+		m  map[deniedID]deniedKey
 	}
 }
 
+// deniedID is what a denial was about: a key under given limits. The same
+// key under other limits (another site, a changed config) is decided
+// afresh.
+type deniedID struct {
+	digest [32]byte
+	lim    ratelimit.Limit
+	quota  quota.Quota
+}
+
 type deniedKey struct {
-	until int64 // unix nanoseconds
+	at    int64  // unix nanoseconds of the decision
+	until int64  // unix nanoseconds
+	gen   uint64 // the backend's generation then: a published change ends it
 	d     redisDecision
 }
 
 func (dk *deniedKeys) init() {
 	for i := range dk.shards {
-		dk.shards[i].m = make(map[[32]byte]deniedKey)
+		dk.shards[i].m = make(map[deniedID]deniedKey)
 	}
 }
 
-// get returns the remembered denial of digest, if one still holds at now.
-func (dk *deniedKeys) get(digest *[32]byte, now int64) (deniedKey, bool) {
-	s := &dk.shards[digest[0]%16]
+// get returns the remembered denial of id, if one still holds at now in
+// generation gen.
+func (dk *deniedKeys) get(id *deniedID, now int64, gen uint64) (deniedKey, bool) {
+	s := &dk.shards[id.digest[0]%16]
 	s.mu.Lock()
-	e, ok := s.m[*digest]
+	e, ok := s.m[*id]
 	s.mu.Unlock()
-	if !ok || now >= e.until {
+	if !ok || now >= e.until || e.gen != gen {
 		return deniedKey{}, false
 	}
 	return e, true
 }
 
-func (dk *deniedKeys) put(digest *[32]byte, e deniedKey) {
-	s := &dk.shards[digest[0]%16]
+func (dk *deniedKeys) put(id *deniedID, e deniedKey) {
+	s := &dk.shards[id.digest[0]%16]
 	s.mu.Lock()
-	s.m[*digest] = e
+	s.m[*id] = e
 	s.mu.Unlock()
 }
 
