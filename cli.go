@@ -216,7 +216,7 @@ func listCommand() *cobra.Command {
 			if e.ID == "" {
 				e.ID = fmt.Sprintf("(keys[%d])", i)
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", e.ID, dash(e.Name), dash(e.Owner), dash(e.Plan), dash(e.Expires), state)
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", dash(e.ID), dash(e.Name), dash(e.Owner), dash(e.Plan), dash(e.Expires), state)
 		}
 		return tw.Flush()
 	})
@@ -281,6 +281,18 @@ func stateCommand(verb string) *cobra.Command {
 		}
 		if err != nil {
 			return fmt.Errorf("%s: %w", path, err)
+		}
+		// Check the edited entry as the server will read it, so that the
+		// command never reports an edit that does not take.
+		if verb != "remove" {
+			raw, _ := f.Entry(id)
+			var e keyFileEntry
+			if err := json.Unmarshal(raw, &e); err != nil {
+				return fmt.Errorf("%s: key %q after the edit: %w", path, id, err)
+			}
+			if e.Disabled != (verb == "disable") {
+				return fmt.Errorf("%s: key %q: the edit would not take (the entry holds another disabled member?); fix the entry by hand", path, id)
+			}
 		}
 		if err := f.Save(); err != nil {
 			return err

@@ -415,12 +415,19 @@ func (h *Handler) quotaOf(rec *keyRecord, pl *plan) quota.Quota {
 
 // rateHeaders holds the RateLimit and RateLimit-Policy header values of one
 // response in a single allocation: the slices and the bytes of the
-// values. The values are not shared between responses, since later
+// values, sized for a rate limit alone. The values are not shared between responses, since later
 // handlers may edit header slices in place.
 type rateHeaders struct {
 	rateLimit [1]string
 	policy    [1]string
-	buf       [192]byte
+	buf       [48]byte // "default";r=<10 digits>;t=<10 digits>
+}
+
+// rateQuotaHeaders is rateHeaders with room for a quota policy too.
+type rateQuotaHeaders struct {
+	rateLimit [1]string
+	policy    [1]string
+	buf       [176]byte
 }
 
 // setRateHeaders sets RateLimit-Policy and RateLimit, as in
@@ -432,8 +439,15 @@ func setRateHeaders(hdr http.Header, pol *policy, d ratelimit.Decision, q quota.
 	if pol == nil && q.IsZero() {
 		return
 	}
-	rh := new(rateHeaders)
-	b := rh.buf[:0]
+	var rateLimit, policy []string
+	var b []byte
+	if q.IsZero() {
+		rh := new(rateHeaders)
+		rateLimit, policy, b = rh.rateLimit[:], rh.policy[:], rh.buf[:0]
+	} else {
+		rh := new(rateQuotaHeaders)
+		rateLimit, policy, b = rh.rateLimit[:], rh.policy[:], rh.buf[:0]
+	}
 	if pol != nil {
 		b = append(b, pol.rateLabel...)
 		b = append(b, ";r="...)
@@ -451,9 +465,9 @@ func setRateHeaders(hdr http.Header, pol *policy, d ratelimit.Decision, q quota.
 		b = strconv.AppendInt(b, ratelimit.CeilSeconds(qd.Reset), 10)
 	}
 	// The bytes are never written again, so they can back strings.
-	rh.rateLimit[0] = unsafe.String(unsafe.SliceData(b), len(b))
+	rateLimit[0] = unsafe.String(unsafe.SliceData(b), len(b))
 	if q.IsZero() {
-		rh.policy[0] = pol.header
+		policy[0] = pol.header
 	} else {
 		start := len(b)
 		if pol != nil {
@@ -464,10 +478,10 @@ func setRateHeaders(hdr http.Header, pol *policy, d ratelimit.Decision, q quota.
 		b = strconv.AppendInt(b, q.Count, 10)
 		b = append(b, ";w="...)
 		b = strconv.AppendInt(b, ratelimit.CeilSeconds(qd.Window), 10)
-		rh.policy[0] = unsafe.String(&b[start], len(b)-start)
+		policy[0] = unsafe.String(&b[start], len(b)-start)
 	}
-	hdr["Ratelimit-Policy"] = rh.policy[:]
-	hdr["Ratelimit"] = rh.rateLimit[:]
+	hdr["Ratelimit-Policy"] = policy
+	hdr["Ratelimit"] = rateLimit
 }
 
 // setIdentity names the key for the placeholders, the vars and the access

@@ -84,12 +84,13 @@ type Handler struct {
 	Quota string `json:"quota,omitempty"`
 
 	// Plans are named sets of limits and restrictions; a key in the keys
-	// file takes one with "plan": "<name>".
+	// file takes one with "plan": "<name>". Default: none.
 	Plans map[string]*Plan `json:"plans,omitempty"`
 
 	// Prefixes are the prefixes of keys this site issues in the
 	// <prefix>_<random><checksum> format (see caddy api-key generate). A key
 	// that carries one but fails its checksum is rejected without a lookup.
+	// Default: none (every key is looked up).
 	Prefixes []string `json:"prefixes,omitempty"`
 
 	// QuotaFile is where quota counts are kept (a bbolt database). One

@@ -552,10 +552,11 @@ func parseEntry(raw []byte) (entry, error) {
 	}
 	var idRaw []byte
 	for _, m := range ms {
-		switch m.name {
-		case "id":
+		// The server's JSON decoder matches member names in any case.
+		switch {
+		case strings.EqualFold(m.name, "id"):
 			idRaw = raw[m.valStart:m.valEnd]
-		case "hash":
+		case strings.EqualFold(m.name, "hash"):
 			var h string
 			if json.Unmarshal(raw[m.valStart:m.valEnd], &h) == nil {
 				e.hash = h
@@ -687,8 +688,9 @@ func skipValue(b []byte, i int) int {
 }
 
 // setMember returns a copy of obj with member field set to val, or
-// deleted when val is nil. A member that appears more than once is set
-// (or deleted) everywhere, so that no reader can pick a stale copy.
+// deleted when val is nil. A member that appears more than once, in any
+// case ("Disabled" is "disabled" to the server's decoder), is set (or
+// deleted) everywhere, so that no reader can pick a stale copy.
 func setMember(obj []byte, field string, val []byte) ([]byte, error) {
 	ms, err := members(obj)
 	if err != nil {
@@ -699,7 +701,7 @@ func setMember(obj []byte, field string, val []byte) ([]byte, error) {
 		for {
 			k := -1
 			for j, m := range ms {
-				if m.name == field {
+				if strings.EqualFold(m.name, field) {
 					k = j
 					break
 				}
@@ -727,7 +729,8 @@ func setMember(obj []byte, field string, val []byte) ([]byte, error) {
 	last := 0
 	found := false
 	for _, m := range ms {
-		if m.name != field {
+		// In any case, as the server's decoder matches it.
+		if !strings.EqualFold(m.name, field) {
 			continue
 		}
 		found = true

@@ -1,6 +1,7 @@
 package keysedit
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -779,4 +780,40 @@ func TestConcurrentReader(t *testing.T) {
 		t.Errorf("last entry %s, want burst 199", raw)
 	}
 	assertNoTemps(t, dir)
+}
+
+// Member names are matched in any case, as the server's JSON decoder
+// matches them: enabling a key written with "Disabled": true removes it.
+func TestSetMemberNameCase(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "keys.json")
+	if err := os.WriteFile(path, []byte(`{"keys": [
+  {"ID": "a", "Hash": "sha256:aa", "Disabled": true, "disabled": true, "DISABLED": false}
+]}
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := Load(path)
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	if got := f.IDs(); len(got) != 1 || got[0] != "a" {
+		t.Fatalf("IDs = %q, want [a]", got)
+	}
+	if err := f.Set("a", "disabled", nil); err != nil {
+		t.Fatal(err)
+	}
+	e, _ := f.Entry("a")
+	if bytes.Contains(bytes.ToLower(e), []byte("disabled")) {
+		t.Fatalf("entry after enable = %s, want no disabled member in any case", e)
+	}
+	if err := f.Set("a", "disabled", true); err != nil {
+		t.Fatal(err)
+	}
+	e, _ = f.Entry("a")
+	if n := bytes.Count(bytes.ToLower(e), []byte(`"disabled"`)); n != 1 || !bytes.Contains(e, []byte(`"disabled": true`)) {
+		t.Fatalf("entry after disable = %s, want one disabled: true", e)
+	}
+	if err := f.Add(json.RawMessage(`{"id": "b", "HASH": "SHA256:AA"}`)); err == nil {
+		t.Fatal("Add of a hash written in another case succeeded, want a duplicate-hash error")
+	}
 }

@@ -520,10 +520,11 @@ func (s *Store) flushLoop() {
 			return
 		case <-s.tick:
 			s.flushMu.Lock()
+			// The last background result: an error that a later flush
+			// got past is history (OnFlush has heard of both), and
+			// Close should not report it.
 			err := s.flushLocked()
-			if err != nil {
-				s.bgErr = err
-			}
+			s.bgErr = err
 			s.flushMu.Unlock()
 			if report := s.onFlush.Load(); report != nil {
 				(*report)(err)

@@ -569,9 +569,13 @@ func TestFlushError(t *testing.T) {
 		path := filepath.Join(t.TempDir(), "q.db")
 		s, tick := openTest(t, path, clk)
 		s.Take("k", q)
+		heard := make(chan error, 1)
+		s.OnFlush(func(err error) { heard <- err })
 		restore := failingUpdate(t, s, diskFull)
 		tick <- time.Time{}
-		tick <- time.Time{}
+		if err := <-heard; err == nil {
+			t.Fatal("the background flush did not fail")
+		}
 		restore()
 		if err := s.Close(); !errors.Is(err, diskFull) {
 			t.Fatalf("Close after a failed background flush = %v, want the kept error", err)
@@ -580,6 +584,33 @@ func TestFlushError(t *testing.T) {
 			t.Fatalf("on disk after Close: %d, want 1", got)
 		}
 	})
+}
+
+// A background flush error that a later background flush got past is not
+// reported by Close: OnFlush heard of both, and the counts are on disk.
+func TestFlushErrorThenRecovery(t *testing.T) {
+	clk := newClock(date(2026, 3, 10, 12, 0, 0, 0))
+	path := filepath.Join(t.TempDir(), "q.db")
+	s, tick := openTest(t, path, clk)
+	s.Take("k", Quota{Count: 10, Period: Day})
+	heard := make(chan error, 1)
+	s.OnFlush(func(err error) { heard <- err })
+	restore := failingUpdate(t, s, errors.New("disk full"))
+	tick <- time.Time{}
+	if err := <-heard; err == nil {
+		t.Fatal("the background flush did not fail")
+	}
+	restore()
+	tick <- time.Time{}
+	if err := <-heard; err != nil {
+		t.Fatalf("the background flush after recovery: %v", err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatalf("Close after the disk recovered = %v, want nil", err)
+	}
+	if got := diskCounts(t, path)[diskName("k", Day, date(2026, 3, 10, 0, 0, 0, 0))]; got != 1 {
+		t.Fatalf("on disk: %d, want 1", got)
+	}
 }
 
 // TestClose checks that Close is idempotent and that a closed store still
