@@ -58,6 +58,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		limits redis | local
 //		on_store_error deny | allow_cached
 //		on_limiter_error local | allow | deny
+//		metrics per_key [max_keys <n>]
 //		cache {
 //			size <n>
 //			ttl <duration>
@@ -255,6 +256,28 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				h.OnStoreError = val
 			case "on_limiter_error":
 				h.OnLimiterError = val
+			}
+
+		case "metrics":
+			if err := once(name); err != nil {
+				return err
+			}
+			if !d.NextArg() || d.Val() != "per_key" {
+				return d.Err("metrics: want metrics per_key [max_keys <n>]")
+			}
+			h.Metrics = &MetricsConfig{PerKey: true}
+			if d.NextArg() {
+				if d.Val() != "max_keys" || !d.NextArg() {
+					return d.Err("metrics: want metrics per_key [max_keys <n>]")
+				}
+				n, err := strconv.Atoi(d.Val())
+				if err != nil || n < 1 {
+					return d.Errf("metrics: max_keys %q: must be a whole number from 1", d.Val())
+				}
+				h.Metrics.MaxKeys = n
+			}
+			if d.NextArg() {
+				return d.Errf("metrics: unexpected argument %q", d.Val())
 			}
 
 		case "redis":

@@ -1260,3 +1260,56 @@ func TestE2EQuotaSurvivesReload(t *testing.T) {
 		t.Errorf("RateLimit after reload = %q, want the count kept (r=1)", got)
 	}
 }
+
+// e2eMetric returns the value of the series line (name and labels, as
+// Prometheus prints them) in a metrics page; 0 when absent.
+func e2eMetric(t *testing.T, page, series string) float64 {
+	t.Helper()
+	for _, line := range strings.Split(page, "\n") {
+		if v, ok := strings.CutPrefix(line, series+" "); ok {
+			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			if err != nil {
+				t.Fatalf("metric %s: %v", series, err)
+			}
+			return f
+		}
+	}
+	return 0
+}
+
+// TestE2EMetrics reads the metrics through Caddy's own metrics handler:
+// requests by outcome, limiter decisions and per-key series, and never a
+// key.
+func TestE2EMetrics(t *testing.T) {
+	c := e2eStart(t, "handle /metrics {\n\tmetrics\n}\nhandle {\n\tapi_key {\n\t\tkey one "+e2eKey1+"\n\t\trate 2/1m\n\t\tmetrics per_key\n\t}\n\trespond ok\n}")
+	before := c.get(t, "/metrics", nil).body
+	for _, h := range []http.Header{bearer(e2eKey1), bearer(e2eKey1), bearer(e2eKey1), nil, bearer("e2e_unknown_key")} {
+		c.get(t, "/x", h)
+	}
+	page := c.get(t, "/metrics", nil)
+	if page.status != 200 {
+		t.Fatalf("/metrics: %d", page.status)
+	}
+	for _, tc := range []struct {
+		series string
+		want   float64
+	}{
+		{`caddy_api_key_requests_total{outcome="ok"}`, 2},
+		{`caddy_api_key_requests_total{outcome="rate_limited"}`, 1},
+		{`caddy_api_key_requests_total{outcome="missing"}`, 1},
+		{`caddy_api_key_requests_total{outcome="invalid"}`, 1},
+		{`caddy_api_key_limiter_decisions_total{counters="local",limit="rate",result="allowed"}`, 2},
+		{`caddy_api_key_limiter_decisions_total{counters="local",limit="rate",result="denied"}`, 1},
+		{`caddy_api_key_key_requests_total{key_id="one",outcome="ok"}`, 2},
+		{`caddy_api_key_key_requests_total{key_id="one",outcome="rate_limited"}`, 1},
+	} {
+		if got := e2eMetric(t, page.body, tc.series) - e2eMetric(t, before, tc.series); got != tc.want {
+			t.Errorf("%s grew by %v, want %v", tc.series, got, tc.want)
+		}
+	}
+	for _, secret := range []string{e2eKey1, "e2e_unknown_key"} {
+		if strings.Contains(page.body, secret) {
+			t.Errorf("the metrics page holds a key")
+		}
+	}
+}

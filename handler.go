@@ -175,6 +175,19 @@ const (
 func (h *Handler) answer(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, repl *caddy.Replacer, rec *keyRecord, pol *policy, d redisDecision, q quota.Quota, degraded string) error {
 	switch d.over {
 	case outcomeQuotaExceeded:
+		countDecision(limitQuota, false, d.inRedis)
+	case outcomeRateLimited:
+		countDecision(limitRate, false, d.inRedis)
+	default:
+		if pol != nil {
+			countDecision(limitRate, true, d.inRedis)
+		}
+		if !q.IsZero() {
+			countDecision(limitQuota, true, d.inRedis)
+		}
+	}
+	switch d.over {
+	case outcomeQuotaExceeded:
 		setRateHeaders(w.Header(), nil, ratelimit.Decision{}, q, d.quota)
 		w.Header().Set("Retry-After", strconv.FormatInt(max(1, ratelimit.CeilSeconds(d.quota.Reset)), 10))
 		return h.refuse(r, repl, rec, outcomeQuotaExceeded, degraded, http.StatusTooManyRequests, errQuotaExceeded)
@@ -189,6 +202,7 @@ func (h *Handler) answer(w http.ResponseWriter, r *http.Request, next caddyhttp.
 
 // admit names the key and hands the request on.
 func (h *Handler) admit(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, repl *caddy.Replacer, rec *keyRecord, degraded string) error {
+	h.countOutcome(outcomeOK, rec)
 	if degraded == "" {
 		h.setIdentity(r, repl, rec, (*logOK)(rec))
 	} else {
@@ -230,6 +244,7 @@ func (h *Handler) redisDecide(r *http.Request, rec *keyRecord, lim ratelimit.Lim
 // 401 without the invalid_token error, since the key may well be good,
 // and Retry-After: 1. It is never a 5xx.
 func (h *Handler) storeUnavailable(w http.ResponseWriter, r *http.Request, repl *caddy.Replacer) error {
+	h.countOutcome(outcomeStoreUnavailable, nil)
 	if repl != nil {
 		repl.Map(providerStoreUnavailable)
 	}
@@ -248,6 +263,7 @@ func (h *Handler) storeUnavailable(w http.ResponseWriter, r *http.Request, repl 
 // detail is the restriction that failed, for forbidden; for the other
 // outcomes it is the degraded mode the request was decided in, if any.
 func (h *Handler) refuse(r *http.Request, repl *caddy.Replacer, rec *keyRecord, outcome, detail string, status int, err error) error {
+	h.countOutcome(outcome, rec)
 	lf := &logRefused{rec: rec, outcome: outcome}
 	restriction := ""
 	if outcome == outcomeForbidden {
@@ -337,8 +353,10 @@ func (h *Handler) find(r *http.Request, digest *[32]byte) (*keyRecord, error) {
 		gen = h.redis.gen.Load()
 	}
 	if rec, ok := h.cache.get(digest, gen); ok {
+		apiKeyMetrics.cacheHits.Inc()
 		return rec, nil
 	}
+	apiKeyMetrics.cacheMisses.Inc()
 	rec := h.inline[*digest]
 	if rec == nil && set != nil {
 		// A key on a plan this site does not define is refused here;
@@ -499,6 +517,7 @@ func (h *Handler) setIdentity(r *http.Request, repl *caddy.Replacer, rec *keyRec
 
 // reject answers a request without a usable key: 401 with a challenge.
 func (h *Handler) reject(w http.ResponseWriter, r *http.Request, repl *caddy.Replacer, outcome string) error {
+	h.countOutcome(outcome, nil)
 	challenge, obj, provider, err := h.challengeMiss, logMissing, providerMissing, errMissing
 	if outcome == outcomeInvalid {
 		challenge, obj, provider, err = h.challengeBad, logInvalid, providerInvalid, errInvalid

@@ -563,6 +563,8 @@ func openKeysFile(path string, logger *zap.Logger) (*keysFile, error) {
 	kf.logger.Store(logger)
 	kf.set.Store(set)
 	logger.Info("keys file loaded", zap.String("file", path), zap.Int("keys", len(set.byDigest)))
+	apiKeyMetrics.once.Do(initMetrics)
+	apiKeyMetrics.keysLoaded.WithLabelValues(path).Set(float64(len(set.byDigest)))
 	kf.stopped.Add(1)
 	go kf.watch()
 	return kf, nil
@@ -622,11 +624,13 @@ func (kf *keysFile) check() error {
 	}
 	set, err := parseKeysFile(data)
 	if err != nil {
+		apiKeyMetrics.reloadErrors.WithLabelValues(kf.path).Inc()
 		kf.err = fmt.Errorf("loading keys file %s: %w", kf.path, err)
 		return kf.err
 	}
 	kf.err, kf.usedSum = nil, sum
 	old := kf.set.Swap(set)
+	apiKeyMetrics.keysLoaded.WithLabelValues(kf.path).Set(float64(len(set.byDigest)))
 	added, removed := diffSets(old, set)
 	if c := kf.logger.Load().Check(zapcore.InfoLevel, "keys file reloaded"); c != nil {
 		c.Write(zap.String("file", kf.path), zap.Int("keys", len(set.byDigest)),
@@ -678,6 +682,7 @@ func diffSets(old, cur *keySet) (added, removed int) {
 func (kf *keysFile) Destruct() error {
 	close(kf.stop)
 	kf.stopped.Wait()
+	apiKeyMetrics.keysLoaded.DeleteLabelValues(kf.path)
 	return nil
 }
 

@@ -124,6 +124,9 @@ type Handler struct {
 	// limiter_unavailable). Default: local.
 	OnLimiterError string `json:"on_limiter_error,omitempty"`
 
+	// Metrics turns on per-key series. The other metrics are always on.
+	Metrics *MetricsConfig `json:"metrics,omitempty"`
+
 	// Cache configures the cache of key lookups.
 	Cache *CacheConfig `json:"cache,omitempty"`
 
@@ -152,6 +155,7 @@ type Handler struct {
 	quotas        *quotaRef
 	now           func() int64 // unix nanoseconds, for expiry
 
+	perKeyMax      int // 0: no per-key series
 	redis          *redisBackend
 	redisKey       string
 	redisStore     bool
@@ -227,6 +231,18 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 // keys, and joins the shared limiter.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return fmt.Errorf("registering metrics: %w", err)
+	}
+	if h.Metrics != nil && h.Metrics.PerKey {
+		h.perKeyMax = h.Metrics.MaxKeys
+		if h.perKeyMax == 0 {
+			h.perKeyMax = defaultMetricsMaxKeys
+		}
+		if h.perKeyMax < 0 {
+			return errors.New("metrics: max_keys must be positive")
+		}
+	}
 	repl := caddy.NewReplacer()
 
 	sources := h.From

@@ -431,6 +431,8 @@ type redisDecision struct {
 	quota quota.Decision
 	// over is outcomeRateLimited or outcomeQuotaExceeded when denied.
 	over string
+	// inRedis tells that Redis decided (or a remembered answer of it).
+	inRedis bool
 }
 
 // decide counts one request by the key against lim and q (either may be
@@ -465,7 +467,7 @@ func (b *redisBackend) decide(ctx context.Context, digest *[32]byte, lim ratelim
 	if len(res) != 5 {
 		return redisDecision{}, fmt.Errorf("redis decide script: %d values, want 5", len(res))
 	}
-	var d redisDecision
+	d := redisDecision{inRedis: true}
 	d.rate = ratelimit.Decision{
 		Allowed:    res[0] == 0,
 		Remaining:  res[1],
