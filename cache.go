@@ -32,6 +32,7 @@ import (
 //     closed and stays away.
 type keyCache struct {
 	c        *ristretto.Cache[uint64, *cacheEntry]
+	epoch    atomic.Uint64 // added to every generation: purge bumps it
 	ttl      time.Duration
 	negTTL   time.Duration
 	closed   atomic.Bool
@@ -86,7 +87,7 @@ func (kc *keyCache) get(digest *[32]byte, gen uint64) (*keyRecord, bool) {
 	}
 	e, ok := kc.c.Get(binary.LittleEndian.Uint64(digest[:8]))
 	kc.leave()
-	if !ok || e.gen != gen || e.digest != *digest {
+	if !ok || e.gen != gen+kc.epoch.Load() || e.digest != *digest {
 		return nil, false
 	}
 	return e.rec, true
@@ -102,8 +103,12 @@ func (kc *keyCache) put(digest *[32]byte, gen uint64, rec *keyRecord) {
 	if rec == nil {
 		ttl = kc.negTTL
 	}
-	kc.c.SetWithTTL(binary.LittleEndian.Uint64(digest[:8]), &cacheEntry{digest: *digest, gen: gen, rec: rec}, 1, ttl)
+	kc.c.SetWithTTL(binary.LittleEndian.Uint64(digest[:8]), &cacheEntry{digest: *digest, gen: gen + kc.epoch.Load(), rec: rec}, 1, ttl)
 }
+
+// purge makes every entry a miss: entries of the epoch before do not match
+// any more.
+func (kc *keyCache) purge() { kc.epoch.Add(1 << 32) }
 
 // close stops the cache at once, and ristretto in the background once no
 // use of it is in flight.

@@ -59,6 +59,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		on_store_error deny | allow_cached
 //		on_limiter_error local | allow | deny
 //		metrics per_key [max_keys <n>]
+//		name <label>
 //		cache {
 //			size <n>
 //			ttl <duration>
@@ -290,6 +291,18 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.Redis = new(RedisConfig)
 			if err := h.Redis.unmarshalCaddyfile(d); err != nil {
 				return err
+			}
+
+		case "name":
+			if err := once(name); err != nil {
+				return err
+			}
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			h.Name = d.Val()
+			if d.NextArg() {
+				return d.Errf("name: unexpected argument %q", d.Val())
 			}
 
 		case "quota_file":

@@ -299,22 +299,22 @@ func TestLimitOf(t *testing.T) {
 		name       string
 		handler    string
 		burst      int64
-		rec        keyRecord
+		rec        *keyRecord
 		wantLimit  ratelimit.Limit
 		wantPolicy string
 	}{
-		{"inherit", "600/1m", 0, keyRecord{}, ratelimit.Limit{Count: 600, Period: time.Minute, Burst: 600}, `"default";q=600;w=60`},
-		{"inherit with handler burst", "600/1m", 50, keyRecord{}, ratelimit.Limit{Count: 600, Period: time.Minute, Burst: 50}, `"default";q=600;w=60`},
-		{"key burst over handler rate", "600/1m", 50, keyRecord{burst: 7}, ratelimit.Limit{Count: 600, Period: time.Minute, Burst: 7}, `"default";q=600;w=60`},
-		{"key burst without any rate", "", 0, keyRecord{burst: 7}, ratelimit.Limit{}, ""},
-		{"own", "600/1m", 0, keyRecord{limitMode: limitOwn, limit: own, policy: policyValue("key", own)}, own, `"key";q=5;w=1`},
-		{"off", "600/1m", 0, keyRecord{limitMode: limitOff}, ratelimit.Limit{}, ""},
-		{"no rate anywhere", "", 0, keyRecord{}, ratelimit.Limit{}, ""},
+		{"inherit", "600/1m", 0, &keyRecord{}, ratelimit.Limit{Count: 600, Period: time.Minute, Burst: 600}, `"default";q=600;w=60`},
+		{"inherit with handler burst", "600/1m", 50, &keyRecord{}, ratelimit.Limit{Count: 600, Period: time.Minute, Burst: 50}, `"default";q=600;w=60`},
+		{"key burst over handler rate", "600/1m", 50, &keyRecord{burst: 7}, ratelimit.Limit{Count: 600, Period: time.Minute, Burst: 7}, `"default";q=600;w=60`},
+		{"key burst without any rate", "", 0, &keyRecord{burst: 7}, ratelimit.Limit{}, ""},
+		{"own", "600/1m", 0, &keyRecord{limitMode: limitOwn, limit: own, policy: policyValue("key", own)}, own, `"key";q=5;w=1`},
+		{"off", "600/1m", 0, &keyRecord{limitMode: limitOff}, ratelimit.Limit{}, ""},
+		{"no rate anywhere", "", 0, &keyRecord{}, ratelimit.Limit{}, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			h := newTestHandler(t, &Handler{Keys: []InlineKey{{ID: "a", Key: testKeyA}}, Rate: tt.handler, Burst: tt.burst})
-			lim, pol := h.limitOf(&tt.rec, nil)
+			lim, pol := h.limitOf(tt.rec, nil)
 			var got string
 			if pol != nil && lim.Count != 0 {
 				got = pol.header
@@ -769,5 +769,29 @@ func TestKeyRemovedOnRejection(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+func TestCachePurge(t *testing.T) {
+	kc, err := newKeyCache(100, time.Hour, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer kc.close()
+	d := sha256.Sum256([]byte("k"))
+	rec := newKeyRecord(&keyRecord{id: "k"})
+	kc.put(&d, 7, rec)
+	kc.c.Wait()
+	if got, ok := kc.get(&d, 7); !ok || got != rec {
+		t.Fatal("entry not cached")
+	}
+	kc.purge()
+	if _, ok := kc.get(&d, 7); ok {
+		t.Fatal("entry still found after purge")
+	}
+	kc.put(&d, 7, rec)
+	kc.c.Wait()
+	if got, ok := kc.get(&d, 7); !ok || got != rec {
+		t.Fatal("entry put after purge not found")
 	}
 }

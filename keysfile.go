@@ -58,6 +58,10 @@ type keyRecord struct {
 
 	// The values of the key's placeholders, boxed once, and provider,
 	// which answers them; idAny is also the value of the vars entry.
+	// usage counts the key's requests for the admin API, found on first
+	// use (usageOf).
+	usage atomic.Pointer[keyUsage]
+
 	idAny, nameAny, ownerAny, planAny any
 	metadataAny                       map[string]any
 	provider                          caddy.ReplacerFunc
@@ -662,6 +666,28 @@ func (kf *keysFile) removeCheck(h *Handler) {
 	kf.mu.Lock()
 	defer kf.mu.Unlock()
 	delete(kf.checks, h)
+}
+
+// reloadResult is what reloadNow found.
+type reloadResult struct {
+	keys, added, removed int
+	changed              bool
+}
+
+// reloadNow reads the file now, whatever its stamp says, and loads it if
+// it changed and is valid.
+func (kf *keysFile) reloadNow() (reloadResult, error) {
+	kf.mu.Lock()
+	before := kf.set.Load()
+	kf.stamp, kf.sum = fileStamp{}, [32]byte{}
+	kf.mu.Unlock()
+	err := kf.check()
+	after := kf.set.Load()
+	res := reloadResult{keys: len(after.byDigest), changed: after != before}
+	if res.changed {
+		res.added, res.removed = diffSets(before, after)
+	}
+	return res, err
 }
 
 func diffSets(old, cur *keySet) (added, removed int) {

@@ -144,7 +144,11 @@ func (h *Handler) countOutcome(outcome string, rec *keyRecord) {
 	} else {
 		apiKeyMetrics.byOutcome[outcome].Inc()
 	}
-	if h.perKeyMax == 0 || rec == nil {
+	if rec == nil {
+		return
+	}
+	countUsage(rec, outcome)
+	if h.perKeyMax == 0 {
 		return
 	}
 	k := keyOutcome{id: h.metricsID(rec.id), outcome: outcome}

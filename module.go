@@ -124,6 +124,11 @@ type Handler struct {
 	// limiter_unavailable). Default: local.
 	OnLimiterError string `json:"on_limiter_error,omitempty"`
 
+	// Name identifies the handler in the admin API's answers, for example
+	// the site's address. Default: its keys file's path, "redis" with
+	// store redis, or "config" for keys given in the config only.
+	Name string `json:"name,omitempty"`
+
 	// Metrics turns on per-key series. The other metrics are always on.
 	Metrics *MetricsConfig `json:"metrics,omitempty"`
 
@@ -155,7 +160,8 @@ type Handler struct {
 	quotas        *quotaRef
 	now           func() int64 // unix nanoseconds, for expiry
 
-	perKeyMax      int // 0: no per-key series
+	perKeyMax      int    // 0: no per-key series
+	name           string // Name, or its default
 	redis          *redisBackend
 	redisKey       string
 	redisStore     bool
@@ -424,6 +430,17 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return err
 		}
 	}
+	h.name = h.Name
+	switch {
+	case h.name != "":
+	case h.keysFile != nil:
+		h.name = h.keysFile.path
+	case h.redisStore:
+		h.name = "redis"
+	default:
+		h.name = "config"
+	}
+	addLive(h)
 	return nil
 }
 
@@ -689,6 +706,7 @@ func checkRealm(realm string) error {
 // Cleanup releases the shared keys file and limiter, and the cache. It
 // copes with a Provision that stopped half way.
 func (h *Handler) Cleanup() error {
+	removeLive(h)
 	if h.cache != nil {
 		h.cache.close()
 	}

@@ -1,0 +1,205 @@
+package apikey_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+// adminGet (or Post) calls the admin API and decodes its JSON answer.
+func adminCall(t *testing.T, method, url string, out any) int {
+	t.Helper()
+	req, err := http.NewRequest(method, url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if bytes.Contains(body, []byte("sha256")) {
+		t.Errorf("%s %s: the answer holds a hash: %s", method, url, body)
+	}
+	if out != nil && (resp.StatusCode < 300 || resp.StatusCode == http.StatusUnprocessableEntity) {
+		if err := json.Unmarshal(body, out); err != nil {
+			t.Fatalf("%s %s: %v\n%s", method, url, err, body)
+		}
+	}
+	return resp.StatusCode
+}
+
+type adminKeysAnswer []struct {
+	Handler string `json:"handler"`
+	Keys    []struct {
+		ID, Name, Owner, Plan, Expires, State, Source string
+	} `json:"keys"`
+}
+
+type adminUsageAnswer []struct {
+	Handler string `json:"handler"`
+	Keys    []struct {
+		ID       string           `json:"id"`
+		Requests map[string]int64 `json:"requests"`
+		LastSeen string           `json:"last_seen"`
+		Quota    *struct {
+			Limit     string `json:"limit"`
+			Used      int64  `json:"used"`
+			Remaining int64  `json:"remaining"`
+			Counters  string `json:"counters"`
+		} `json:"quota"`
+	} `json:"keys"`
+}
+
+type adminReloadAnswer []struct {
+	Handler string `json:"handler"`
+	File    string `json:"file"`
+	Keys    int    `json:"keys"`
+	Added   int    `json:"added"`
+	Removed int    `json:"removed"`
+	Changed bool   `json:"changed"`
+	Error   string `json:"error"`
+}
+
+// TestAdminAPI runs a config with two api_key sites and the admin
+// endpoint, and asks it about keys, usage, reloads and the cache.
+func TestAdminAPI(t *testing.T) {
+	dir := t.TempDir()
+	keys := filepath.Join(dir, "keys.json")
+	e2eWriteFile(t, keys, []byte(`{"keys": [
+		{"id": "acme", "hash": "`+e2eHash(e2eKey1)+`", "name": "Acme", "owner": "acme", "plan": "pro"},
+		{"id": "gone", "hash": "`+e2eHash(e2eKey3)+`", "expires": "2020-01-01T00:00:00Z"}
+	]}`))
+	adminPort, portA, portB := e2eFreePort(t), e2eFreePort(t), e2eFreePort(t)
+	caddyfile := fmt.Sprintf(`{
+	admin 127.0.0.1:%d
+	persist_config off
+	storage file_system %s
+}
+
+:%d {
+	api_key {
+		name site-a
+		keys_file %s
+		quota_file %s
+		plan pro {
+			quota 100/day
+		}
+	}
+	respond ok
+}
+
+:%d {
+	api_key {
+		name site-b
+		key ci %s
+	}
+	respond ok
+}
+`, adminPort, filepath.Join(dir, "storage"), portA, keys, filepath.Join(dir, "q.db"), portB, e2eKey2)
+	cfg := e2eAdapt(t, []byte(caddyfile))
+	if err := caddy.Load(cfg, true); err != nil {
+		t.Fatalf("loading config: %v", err)
+	}
+	t.Cleanup(func() { _ = caddy.Stop() })
+	admin := fmt.Sprintf("http://127.0.0.1:%d/api_key", adminPort)
+	client := e2eClient(t)
+	siteA, siteB := fmt.Sprintf("http://127.0.0.1:%d/", portA), fmt.Sprintf("http://127.0.0.1:%d/", portB)
+
+	t.Run("keys", func(t *testing.T) {
+		var ans adminKeysAnswer
+		if code := adminCall(t, "GET", admin+"/keys", &ans); code != 200 {
+			t.Fatalf("status %d", code)
+		}
+		if len(ans) != 2 || ans[0].Handler != "site-a" || ans[1].Handler != "site-b" {
+			t.Fatalf("handlers = %+v, want site-a and site-b", ans)
+		}
+		a := ans[0].Keys
+		if len(a) != 2 || a[0].ID != "acme" || a[0].Plan != "pro" || a[0].State != "active" || a[0].Source != "keys_file" ||
+			a[1].ID != "gone" || a[1].State != "expired" || a[1].Expires == "" {
+			t.Errorf("site-a keys = %+v", a)
+		}
+		if b := ans[1].Keys; len(b) != 1 || b[0].ID != "ci" || b[0].Source != "config" {
+			t.Errorf("site-b keys = %+v", b)
+		}
+		if code := adminCall(t, "POST", admin+"/keys", nil); code != http.StatusMethodNotAllowed {
+			t.Errorf("POST /keys: %d, want 405", code)
+		}
+	})
+
+	t.Run("usage", func(t *testing.T) {
+		for _, k := range []string{e2eKey1, e2eKey1, e2eKey3} {
+			e2eGet(t, client, siteA, bearer(k))
+		}
+		e2eGet(t, client, siteB, bearer(e2eKey2))
+		var ans adminUsageAnswer
+		if code := adminCall(t, "GET", admin+"/usage?id=acme", &ans); code != 200 {
+			t.Fatalf("status %d", code)
+		}
+		if len(ans) != 2 || len(ans[0].Keys) != 1 || len(ans[1].Keys) != 0 {
+			t.Fatalf("usage?id=acme = %+v, want acme under site-a only", ans)
+		}
+		acme := ans[0].Keys[0]
+		if acme.Requests["ok"] < 2 || acme.LastSeen == "" || acme.Quota == nil || acme.Quota.Limit != "100/day" ||
+			acme.Quota.Used < 2 || acme.Quota.Used+acme.Quota.Remaining != 100 || acme.Quota.Counters != "local" {
+			t.Errorf("acme usage = %+v (quota %+v)", acme, acme.Quota)
+		}
+		ans = nil
+		adminCall(t, "GET", admin+"/usage?id=gone", &ans)
+		if g := ans[0].Keys; len(g) != 1 || g[0].Requests["expired"] < 1 {
+			t.Errorf("gone usage = %+v, want expired counted", g)
+		}
+		if code := adminCall(t, "GET", admin+"/usage?id=nobody", nil); code != http.StatusNotFound {
+			t.Errorf("usage of an unknown id: %d, want 404", code)
+		}
+	})
+
+	t.Run("reload", func(t *testing.T) {
+		e2eWriteFile(t, keys, []byte(`{"keys": [
+			{"id": "acme", "hash": "`+e2eHash(e2eKey1)+`", "plan": "pro"},
+			{"id": "new", "hash": "`+e2eHash(e2eKey4)+`"}
+		]}`))
+		var ans adminReloadAnswer
+		if code := adminCall(t, "POST", admin+"/reload", &ans); code != 200 {
+			t.Fatalf("status %d: %+v", code, ans)
+		}
+		if a := ans[0]; a.Handler != "site-a" || a.File != keys || !a.Changed || a.Keys != 2 || a.Added != 1 || a.Removed != 1 || a.Error != "" {
+			t.Errorf("reload answer = %+v", a)
+		}
+		if resp := e2eGet(t, client, siteA, bearer(e2eKey4)); resp.status != 200 {
+			t.Errorf("the added key: %d, want 200", resp.status)
+		}
+		e2eWriteFile(t, keys, []byte(`{"keys": [`))
+		ans = nil
+		if code := adminCall(t, "POST", admin+"/reload", &ans); code != http.StatusUnprocessableEntity {
+			t.Fatalf("reload of a broken file: %d, want 422", code)
+		}
+		if a := ans[0]; a.Changed || !strings.Contains(a.Error, keys) || a.Keys != 2 {
+			t.Errorf("reload answer for a broken file = %+v", a)
+		}
+		if resp := e2eGet(t, client, siteA, bearer(e2eKey4)); resp.status != 200 {
+			t.Errorf("after a broken reload the previous keys must serve: %d", resp.status)
+		}
+	})
+
+	t.Run("cache purge", func(t *testing.T) {
+		var ans []struct {
+			Handler string `json:"handler"`
+			Purged  bool   `json:"purged"`
+		}
+		if code := adminCall(t, "POST", admin+"/cache/purge", &ans); code != 200 || len(ans) != 2 || !ans[0].Purged || !ans[1].Purged {
+			t.Fatalf("purge: %d %+v", code, ans)
+		}
+		if resp := e2eGet(t, client, siteB, bearer(e2eKey2)); resp.status != 200 {
+			t.Errorf("after a purge: %d, want 200", resp.status)
+		}
+	})
+}
