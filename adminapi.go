@@ -31,7 +31,7 @@ func init() {
 //	POST /api_key/cache/purge    forget every cached lookup
 //
 // Each answer is a list with one entry per api_key handler of the running
-// config, named by the handler's name (see Handler.Name).
+// config, named by the handler's name (see Handler.Name), sorted by name.
 type adminAPI struct{}
 
 // CaddyModule returns the Caddy module information.
@@ -72,10 +72,14 @@ func removeLive(h *Handler) {
 	live.Unlock()
 }
 
+// liveHandlers returns the live handlers sorted by name (Caddy provisions
+// servers in no fixed order).
 func liveHandlers() []*Handler {
 	live.Lock()
-	defer live.Unlock()
-	return slices.Clone(live.handlers)
+	hs := slices.Clone(live.handlers)
+	live.Unlock()
+	slices.SortStableFunc(hs, func(a, b *Handler) int { return strings.Compare(a.name, b.name) })
+	return hs
 }
 
 // keyUsage counts one key's requests since Caddy started, across config

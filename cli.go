@@ -43,7 +43,7 @@ holds its SHA-256 hash.`,
 		CobraFunc: func(cmd *cobra.Command) {
 			cmd.AddCommand(generateCommand(), hashCommand(), listCommand(),
 				stateCommand("disable"), stateCommand("enable"), stateCommand("remove"),
-				checkCommand(), importCommand())
+				checkCommand(), importCommand(), reportCommand())
 		},
 	})
 }
