@@ -152,6 +152,15 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1`)
 
+	// redisReplaceScript replaces the hash KEYS[1] with the fields ARGV,
+	// if it still exists (a key removed meanwhile is not brought back
+	// without its id index); 1 if it did.
+	redisReplaceScript = redis.NewScript(`
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1`)
+
 	// redisEditScript runs the command ARGV[1] on the hash KEYS[1] with
 	// the rest of ARGV, if the hash exists (so that an edit never leaves a
 	// record of one field behind); 1 if it did.
@@ -236,14 +245,13 @@ func (r *cliRedis) put(w io.Writer, e keyFileEntry, update bool) (putResult, err
 			return 0, refusedError{"id already in Redis, with another hash"}
 		}
 		ctx, cancel = r.ctx()
-		_, err = r.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
-			p.Del(ctx, keyKey)
-			p.HSet(ctx, keyKey, args...)
-			return nil
-		})
+		replaced, err := redisReplaceScript.Run(ctx, r.client, []string{keyKey}, args...).Int()
 		cancel()
 		if err != nil {
 			return 0, r.fail(fmt.Sprintf("updating key %q", e.ID), err)
+		}
+		if replaced == 0 {
+			return 0, refusedError{"removed from Redis while being imported; try again"}
 		}
 		result = putUpdated
 	}

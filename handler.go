@@ -130,13 +130,17 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			return h.refuse(r, repl, rec, outcomeLimiterUnavailable, "", http.StatusTooManyRequests, errLimiterUnavailable)
 		}
 		degraded = degradedLocalLimits
+		// Quotas are Redis's alone: this server's own store may be in
+		// use by another process, and a quota counted here would not be
+		// Redis's anyway. While Redis is down only the rate is counted.
+		q = quota.Quota{}
 	}
 	var d redisDecision
 	var quotas *quota.Store
 	if !q.IsZero() {
 		var err error
 		if quotas, err = h.quotas.get(); err != nil {
-			h.logger.Error("quota store unavailable; requests with a quota are refused", zap.Error(err))
+			h.quotas.logFailure(err)
 			w.Header().Set("Retry-After", "1")
 			return h.refuse(r, repl, rec, outcomeLimiterUnavailable, "", http.StatusTooManyRequests, errLimiterUnavailable)
 		}

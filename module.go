@@ -308,7 +308,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		h.defaultQuota = q
 	}
-	needQuotas := !h.defaultQuota.IsZero()
+	needQuotas := !h.defaultQuota.IsZero() && h.Limits != "redis"
 	h.plans = make(map[string]*plan, len(h.Plans))
 	for name, p := range h.Plans {
 		cp, err := compilePlan(name, p)
@@ -316,7 +316,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return err
 		}
 		h.plans[name] = cp
-		needQuotas = needQuotas || cp.quotaMode == limitOwn
+		needQuotas = needQuotas || (cp.quotaMode == limitOwn && h.Limits != "redis")
 	}
 	h.prefixes = h.prefixes[:0]
 	for _, p := range h.Prefixes {
@@ -533,10 +533,26 @@ type quotaRef struct {
 	path   string
 	logger *zap.Logger
 
-	mu     sync.Mutex // guards joining and releasing
-	store  atomic.Pointer[quota.Store]
-	key    string // the usage-pool key once joined
-	closed bool
+	mu      sync.Mutex // guards joining and releasing
+	store   atomic.Pointer[quota.Store]
+	key     string // the usage-pool key once joined
+	closed  bool
+	failed  error     // the last failure to join, under mu
+	failedT time.Time // when; get does not try again for quotaRetryAfter
+	logged  atomic.Int64
+}
+
+// quotaRetryAfter is how long a failure to open the quota store is
+// remembered, so that requests do not each wait for its lock.
+const quotaRetryAfter = 10 * time.Second
+
+// logFailure logs a failure to open the store at most once per
+// quotaRetryAfter.
+func (q *quotaRef) logFailure(err error) {
+	now := time.Now().UnixNano()
+	if last := q.logged.Load(); now-last > int64(quotaRetryAfter) && q.logged.CompareAndSwap(last, now) {
+		q.logger.Error("quota store unavailable; requests with a quota are refused (429 limiter_unavailable)", zap.Error(err))
+	}
 }
 
 // get returns the store, joining it if need be.
@@ -552,6 +568,9 @@ func (q *quotaRef) get() (*quota.Store, error) {
 	if q.closed {
 		return nil, errHandlerClosed
 	}
+	if q.failed != nil && time.Since(q.failedT) < quotaRetryAfter {
+		return nil, q.failed
+	}
 	key := "api_key.quota_store:" + q.path
 	val, _, err := quotaPool.LoadOrNew(key, func() (caddy.Destructor, error) {
 		s, err := quota.Open(q.path, quotaFlushInterval, time.Now)
@@ -561,6 +580,7 @@ func (q *quotaRef) get() (*quota.Store, error) {
 		return quotaStore{s}, nil
 	})
 	if err != nil {
+		q.failed, q.failedT = err, time.Now()
 		return nil, err
 	}
 	s := val.(quotaStore).Store

@@ -191,6 +191,14 @@ func redisOptions(cfg RedisConfig, repl *caddy.Replacer) (*redis.UniversalOption
 	if prefix == "" {
 		prefix = defaultRedisPrefix
 	}
+	// Braces would make the prefix a Cluster hash tag, and an API key's
+	// counters would then not share a slot.
+	if strings.ContainsAny(prefix, "{}") {
+		return nil, redisSchema{}, 0, fmt.Errorf("redis: key_prefix %q: no { or } (they would be a Cluster hash tag)", prefix)
+	}
+	if cfg.DB != 0 && len(addrs) > 1 && cfg.MasterName == "" {
+		return nil, redisSchema{}, 0, errors.New("redis: db: several addresses are a Cluster, which has only database 0")
+	}
 	opts := &redis.UniversalOptions{
 		Addrs:                 addrs,
 		MasterName:            cfg.MasterName,
@@ -204,7 +212,8 @@ func redisOptions(cfg RedisConfig, repl *caddy.Replacer) (*redis.UniversalOption
 		ContextTimeoutEnabled: true,
 		// A retry would wait past the timeout; the failure modes decide
 		// instead.
-		MaxRetries: -1,
+		MaxRetries:    -1,
+		DialerRetries: 1,
 	}
 	if cfg.TLS {
 		opts.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12}
@@ -228,7 +237,10 @@ type redisBackend struct {
 	// (re)subscription (changes may have been missed while away); cached
 	// lookups from another generation are misses.
 	gen atomic.Uint64
-	// down is set by a failed command and cleared by a successful one.
+	// down is set when the watcher's ping has failed twice in a row, and
+	// cleared when one succeeds. A request's own failed command does not
+	// set it: an error reply, a full connection pool or a slow command is
+	// that request's failure (its failure mode applies), not an outage.
 	down atomic.Bool
 	// subscribed tells whether changes are being heard; while they are
 	// not, the cache ttl bounds how long a revoked key works.
@@ -278,19 +290,17 @@ func (b *redisBackend) command(parent context.Context) (context.Context, context
 	return context.WithTimeout(parent, b.timeout)
 }
 
-// result records the outcome of a command in the health state and logs a
-// change of it once.
-func (b *redisBackend) result(err error) {
-	if err == nil || errors.Is(err, redis.Nil) {
+// health records the result of a watcher's ping and logs a change of
+// state once.
+func (b *redisBackend) health(err error, failures *int) {
+	if err == nil {
+		*failures = 0
 		if b.down.Swap(false) {
 			b.logger.Load().Info("redis available again")
 		}
 		return
 	}
-	if errors.Is(err, context.Canceled) {
-		return // the client went away; says nothing about Redis
-	}
-	if !b.down.Swap(true) {
+	if *failures++; *failures >= 2 && !b.down.Swap(true) {
 		b.logger.Load().Error("redis unavailable; the configured failure modes apply until it is back", zap.Error(err))
 	}
 }
@@ -300,6 +310,7 @@ func (b *redisBackend) result(err error) {
 // since changes made in between were not heard.
 func (b *redisBackend) listen(ctx context.Context) {
 	defer b.stopped.Done()
+	lost := false
 	for {
 		// Receive does not end when ctx does; Destruct closes the
 		// PubSub, which ends it.
@@ -309,14 +320,19 @@ func (b *redisBackend) listen(ctx context.Context) {
 		}
 		switch msg.(type) {
 		case *redis.Subscription:
-			b.subscribed.Store(true)
+			if !b.subscribed.Swap(true) && lost {
+				b.logger.Load().Info("redis change channel back; changes of keys take effect at once again")
+			}
 			b.gen.Add(1)
 		case *redis.Message:
 			b.gen.Add(1)
 		}
 		if err != nil {
-			b.subscribed.Store(false)
-			b.result(err)
+			if b.subscribed.Swap(false) || !lost {
+				lost = true
+				b.logger.Load().Warn("redis change channel lost; changes of keys take effect within the cache ttl until it is back",
+					zap.String("channel", b.schema.channel()), zap.Error(err))
+			}
 			select {
 			case <-ctx.Done():
 				return
@@ -338,6 +354,7 @@ func (b *redisBackend) watch(ctx context.Context) {
 	defer b.stopped.Done()
 	t := time.NewTicker(redisWatchInterval)
 	defer t.Stop()
+	failures := 0
 	for {
 		select {
 		case <-ctx.Done():
@@ -345,8 +362,12 @@ func (b *redisBackend) watch(ctx context.Context) {
 		case <-t.C:
 		}
 		cctx, cancel := b.command(ctx)
-		b.result(b.client.Ping(cctx).Err())
+		err := b.client.Ping(cctx).Err()
 		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		b.health(err, &failures)
 		b.denied.sweep(time.Now().UnixNano())
 	}
 }
@@ -358,7 +379,6 @@ func (b *redisBackend) lookup(ctx context.Context, digest *[32]byte) (*keyRecord
 	cctx, cancel := b.command(ctx)
 	fields, err := b.client.HGetAll(cctx, b.schema.keyKey(hexDigest)).Result()
 	cancel()
-	b.result(err)
 	if err != nil {
 		return nil, err
 	}
@@ -460,7 +480,6 @@ func (b *redisBackend) decide(ctx context.Context, digest *[32]byte, lim ratelim
 	cctx, cancel := b.command(ctx)
 	res, err := decideScript.Run(cctx, b.client, keys, hasRate, hasQuota, interval, lim.Burst, q.Count, expireAt).Int64Slice()
 	cancel()
-	b.result(err)
 	if err != nil {
 		return redisDecision{}, err
 	}

@@ -1009,11 +1009,15 @@ func TestRedisStoreDown(t *testing.T) {
 			h.cache.c.Wait()
 
 			r.Stop()
-			// The first lookup that fails tells the backend.
+			// A failed lookup is that request's failure; the watcher's
+			// pings (two failed in a row) mark Redis down.
 			rdCheck(t, "uncached key, Redis down", rdTimed(t, h, uncached), unavailable)
-			if !h.redis.down.Load() {
-				t.Fatal("Redis not marked down after a failed lookup")
-			}
+			rdWait(t, 5*time.Second, "the watcher marks Redis down", func() string {
+				if h.redis.down.Load() {
+					return ""
+				}
+				return "not marked down yet"
+			})
 			for range 3 {
 				if mode == storeErrorDeny {
 					rdCheck(t, "cached key, Redis down", rdTimed(t, h, cached), unavailable)
@@ -1118,6 +1122,12 @@ func TestRedisLimiterDown(t *testing.T) {
 					rdCheck(t, fmt.Sprintf("request %d, Redis down", i+1), rdTimed(t, h, key), rdWant{status: http.StatusTooManyRequests, outcome: outcomeLimiterUnavailable, id: "k", retry: "1"})
 				}
 			}
+			rdWait(t, 5*time.Second, "the watcher marks Redis down", func() string {
+				if h.redis.down.Load() {
+					return ""
+				}
+				return "not marked down yet"
+			})
 			if n := rdLogCount(logs, rdLogDown); n != 1 {
 				t.Errorf("%d log entries %q for one outage, want 1", n, rdLogDown)
 			}
@@ -1125,6 +1135,12 @@ func TestRedisLimiterDown(t *testing.T) {
 			r.Start()
 			rdWait(t, 5*time.Second, "counted in Redis again once it is back", func() string {
 				return rdMismatch(rdServe(h, key), ok)
+			})
+			rdWait(t, 5*time.Second, "the watcher marks Redis up", func() string {
+				if !h.redis.down.Load() {
+					return ""
+				}
+				return "still marked down"
 			})
 			if n := rdLogCount(logs, rdLogUp); n != 1 {
 				t.Errorf("%d log entries %q, want 1", n, rdLogUp)
@@ -1274,4 +1290,25 @@ func BenchmarkServeHTTPRedis(b *testing.B) {
 			b.Fatal("keys were looked up in Redis during the benchmark: the cache was not warm")
 		}
 	})
+}
+
+func TestRedisOptionsRefused(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		cfg  RedisConfig
+		want string
+	}{
+		{"hash tag in the prefix", RedisConfig{KeyPrefix: "a{b:"}, "no { or }"},
+		{"closing brace in the prefix", RedisConfig{KeyPrefix: "a}b:"}, "no { or }"},
+		{"db with a Cluster", RedisConfig{Addresses: []string{"a:1", "b:2"}, DB: 3}, "Cluster, which has only database 0"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if _, _, _, err := redisOptions(tc.cfg, caddy.NewReplacer()); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("redisOptions = %v, want an error containing %q", err, tc.want)
+			}
+		})
+	}
+	if _, _, _, err := redisOptions(RedisConfig{Addresses: []string{"a:1", "b:2"}, DB: 3, MasterName: "m"}, caddy.NewReplacer()); err != nil {
+		t.Fatalf("db with Sentinels: %v", err)
+	}
 }
