@@ -45,7 +45,7 @@ func init() {
 // `{http.api_key.owner}` | The key's owner.
 // `{http.api_key.plan}` | The key's plan.
 // `{http.api_key.metadata.*}` | A field of the key's metadata.
-// `{http.api_key.outcome}` | ok, missing, invalid, disabled, expired, not_yet_valid, forbidden, rate_limited or quota_exceeded.
+// `{http.api_key.outcome}` | ok, missing, invalid, disabled, expired, not_yet_valid, forbidden, rate_limited, quota_exceeded, or with Redis down store_unavailable or limiter_unavailable.
 // `{http.api_key.restriction}` | For forbidden: the restriction that failed (ip, referrer, method or path).
 // `{http.auth.user.id}` | The id of the key, as Caddy's auth handlers set it; the access log prints it as user_id.
 //

@@ -33,11 +33,12 @@ type RedisConfig struct {
 	// Addresses watch. Default: none (no Sentinel).
 	MasterName string `json:"master_name,omitempty"`
 
-	// Username for Redis ACLs. Placeholders are expanded.
+	// Username for Redis ACLs. Placeholders are expanded. Default: none
+	// (the default user).
 	Username string `json:"username,omitempty"`
 
 	// Password, typically a placeholder such as {env.REDIS_PASSWORD},
-	// expanded at provision.
+	// expanded at provision. Default: none.
 	Password string `json:"password,omitempty"`
 
 	// DB is the database number (not with Cluster). Default: 0.
