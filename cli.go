@@ -24,7 +24,7 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "api-key",
-		Usage: "generate|hash|list|disable|enable|remove|check|import [flags]",
+		Usage: "generate|hash|list|disable|enable|remove|check|import|report [flags]",
 		Short: "Makes API keys and edits keys files or Redis for the api_key handler",
 		Long: `
 Makes API keys in the <prefix>_<random><checksum> format and edits the JSON
