@@ -45,6 +45,7 @@ type e2eCaddy struct {
 	storage   string // Caddy's storage directory, not the user's
 	config    []byte // the JSON config it runs
 	global    string // more global options
+	admin     string // the admin endpoint's base URL, if the config has one
 	client    *http.Client
 }
 

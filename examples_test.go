@@ -18,6 +18,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
+
+	"github.com/keystile/caddy-apikey/internal/report"
 )
 
 // The -update flag rewrites the golden examples/<name>/caddy.json files.
@@ -41,6 +43,7 @@ var exampleServe = map[string]func(t *testing.T, adapted []byte){
 	"plans":       servePlans,
 	"quickstart":  serveQuickstart,
 	"static-site": serveStaticSite,
+	"usage":       serveUsage,
 }
 
 // TestExamples adapts every examples/<name>/Caddyfile, compares the JSON
@@ -136,7 +139,15 @@ func exampleTryStart(t *testing.T, adapted []byte) (*e2eCaddy, error) {
 	c.base = "http://127.0.0.1:" + strconv.Itoa(c.port)
 	c.client = e2eClient(t)
 
-	cfg["admin"] = map[string]any{"disabled": true, "config": map[string]any{"persist": false}}
+	// An example that has an admin endpoint keeps it, on a free port;
+	// the others run without one.
+	if admin, ok := cfg["admin"].(map[string]any); ok && admin["listen"] != nil {
+		addr := fmt.Sprintf("127.0.0.1:%d", e2eFreePort(t))
+		cfg["admin"] = map[string]any{"listen": addr, "config": map[string]any{"persist": false}}
+		c.admin = "http://" + addr
+	} else {
+		cfg["admin"] = map[string]any{"disabled": true, "config": map[string]any{"persist": false}}
+	}
 	cfg["storage"] = map[string]any{"module": "file_system", "root": filepath.Join(dir, "storage")}
 
 	servers := exampleObject(t, cfg, "apps", "http", "servers")
@@ -502,3 +513,104 @@ func servePlans(t *testing.T, adapted []byte) {
 }
 
 func userIDOf(apiKey map[string]string) string { return apiKey["id"] }
+
+// serveUsage runs the usage example: requests with the quickstart's keys,
+// then the three ways to see them: the metrics, the admin API, and a
+// report of the access log.
+func serveUsage(t *testing.T, adapted []byte) {
+	c := exampleStart(t, adapted)
+	if c.admin == "" {
+		t.Fatal("the usage example has no admin endpoint")
+	}
+	// Usage counts since Caddy started, and other tests of this process
+	// used the same keys: compare growth.
+	before := usageOf(t, c, "globex-trial")
+	for _, h := range []http.Header{bearer(qsAcme), bearer(qsAcme), bearer(qsAcme), xAPIKey(qsGlobex), bearer("qs_nobody"), nil} {
+		c.get(t, "/hello", h)
+	}
+	// globex-trial has its own 3/1m: the fourth request is over it.
+	for range 4 {
+		c.get(t, "/globex", bearer(qsGlobex))
+	}
+
+	t.Run("metrics", func(t *testing.T) {
+		page := c.get(t, "/metrics", nil)
+		for _, tc := range []struct {
+			series string
+			want   float64
+		}{
+			{`caddy_api_key_key_requests_total{key_id="acme-prod",outcome="ok"}`, 3},
+			{`caddy_api_key_key_requests_total{key_id="globex-trial",outcome="rate_limited"}`, 2},
+		} {
+			if got := e2eMetric(t, page.body, tc.series); got < tc.want {
+				t.Errorf("%s = %v, want at least %v", tc.series, got, tc.want)
+			}
+		}
+	})
+
+	t.Run("admin usage", func(t *testing.T) {
+		k := usageOf(t, c, "globex-trial")
+		if k.Requests["ok"]-before.Requests["ok"] != 3 || k.Requests["rate_limited"]-before.Requests["rate_limited"] != 2 ||
+			k.Quota.Limit != "1000/day" || k.Quota.Used != 3 {
+			t.Errorf("globex-trial usage = %+v, before the requests %+v", k, before)
+		}
+	})
+
+	t.Run("report", func(t *testing.T) {
+		e2eWaitLog(t, c.accessLog, "the last request", func(e e2eAccessEntry) bool {
+			return e.Msg == "handled request" && strings.HasPrefix(e.Request.URI, "/metrics")
+		})
+		rep, err := report.New(report.Options{By: report.ByKey})
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := os.Open(c.accessLog)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if err := rep.Read(c.accessLog, f); err != nil {
+			t.Fatal(err)
+		}
+		got := map[string]report.Row{}
+		for _, row := range rep.Rows() {
+			got[row.Group] = row
+		}
+		if r := got["acme-prod"]; r.Requests != 3 || r.Status2xx != 3 {
+			t.Errorf("acme-prod row = %+v", r)
+		}
+		if r := got["globex-trial"]; r.Requests != 5 || r.Status2xx != 3 || r.Status429 != 2 {
+			t.Errorf("globex-trial row = %+v", r)
+		}
+		// No key, unknown key, and the /metrics requests (no api_key).
+		if r := got[report.NoneGroup]; r.Status401 != 2 {
+			t.Errorf("(none) row = %+v, want 2 answered 401", r)
+		}
+	})
+}
+
+type exampleUsage struct {
+	ID       string           `json:"id"`
+	Requests map[string]int64 `json:"requests"`
+	Quota    struct {
+		Limit string `json:"limit"`
+		Used  int64  `json:"used"`
+	} `json:"quota"`
+}
+
+// usageOf asks the example's admin API for the usage of key id.
+func usageOf(t *testing.T, c *e2eCaddy, id string) exampleUsage {
+	t.Helper()
+	resp := e2eGet(t, c.client, c.admin+"/api_key/usage?id="+id, nil)
+	var ans []struct {
+		Handler string         `json:"handler"`
+		Keys    []exampleUsage `json:"keys"`
+	}
+	if err := json.Unmarshal([]byte(resp.body), &ans); err != nil || resp.status != 200 {
+		t.Fatalf("/api_key/usage: %d %v: %s", resp.status, err, resp.body)
+	}
+	if len(ans) != 1 || ans[0].Handler != "usage-demo" || len(ans[0].Keys) != 1 {
+		t.Fatalf("usage = %+v", ans)
+	}
+	return ans[0].Keys[0]
+}
