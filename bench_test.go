@@ -1,9 +1,15 @@
 package apikey
 
 import (
+	"bytes"
 	"crypto/sha256"
+	"encoding/hex"
 	"net/http"
+	"os"
+	"path/filepath"
+	"runtime"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -212,4 +218,88 @@ func BenchmarkSHA256Key(b *testing.B) {
 	for b.Loop() {
 		_ = sha256.Sum256(key)
 	}
+}
+
+// benchKeys1M is a keys file of a million entries, made once per test
+// binary: key "bench-<i>" has id "k<i>", as bench/genkeys writes them.
+var benchKeys1M = sync.OnceValue(func() []byte { return benchKeysFile(1_000_000) })
+
+func benchKeyPlain(i int) string { return "bench-" + strconv.Itoa(i) + "-0123456789abcdefghijklmnop" }
+
+func benchKeysFile(n int) []byte {
+	var buf bytes.Buffer
+	buf.Grow(n * 100)
+	buf.WriteString(`{"keys": [` + "\n")
+	var hx [64]byte
+	for i := range n {
+		sum := sha256.Sum256([]byte(benchKeyPlain(i)))
+		hex.Encode(hx[:], sum[:])
+		if i > 0 {
+			buf.WriteString(",\n")
+		}
+		buf.WriteString(`{"id": "k` + strconv.Itoa(i) + `", "hash": "sha256:`)
+		buf.Write(hx[:])
+		buf.WriteString(`"}`)
+	}
+	buf.WriteString("\n]}\n")
+	return buf.Bytes()
+}
+
+// BenchmarkLoadKeysFile1M parses a keys file of a million entries, as a
+// load or reload does. Besides time and allocations per load it reports
+// B/key: the live heap the loaded set holds per key (HeapAlloc after a
+// GC, less before), which is what the set costs in resident memory.
+func BenchmarkLoadKeysFile1M(b *testing.B) {
+	data := benchKeys1M()
+	const n = 1_000_000
+	b.ReportAllocs()
+	b.SetBytes(int64(len(data)))
+	var perKey float64
+	var ms runtime.MemStats
+	for b.Loop() {
+		b.StopTimer()
+		runtime.GC()
+		runtime.ReadMemStats(&ms)
+		before := ms.HeapAlloc
+		b.StartTimer()
+		set, err := parseKeysFile(data)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		if len(set.byDigest) != n {
+			b.Fatalf("loaded %d keys, want %d", len(set.byDigest), n)
+		}
+		runtime.GC()
+		runtime.ReadMemStats(&ms)
+		perKey = float64(int64(ms.HeapAlloc)-int64(before)) / n
+		runtime.KeepAlive(set)
+		b.StartTimer()
+	}
+	b.ReportMetric(perKey, "B/key")
+}
+
+// BenchmarkServeHTTP1M is the hot path with a million keys loaded from a
+// keys file: valid keys, cache hits, a rate limit that never runs out.
+// Compare with BenchmarkServeHTTP/header/rate in the same run: the key
+// set's size should not show.
+func BenchmarkServeHTTP1M(b *testing.B) {
+	path := filepath.Join(b.TempDir(), "keys.json")
+	if err := os.WriteFile(path, benchKeys1M(), 0o600); err != nil {
+		b.Fatal(err)
+	}
+	h := newTestHandler(b, &Handler{KeysFile: path, Rate: "1000000000/1s"})
+	// 1000 keys spread over the set, each looked up once so the cache
+	// holds them.
+	reqs := benchRequests(1000, func(i int) http.Header {
+		return http.Header{"X-Api-Key": {benchKeyPlain(i * 997)}}
+	})
+	for _, br := range reqs {
+		br.reset()
+		if err := h.ServeHTTP(br.w, br.r, nopNext); err != nil {
+			b.Fatalf("warming the cache: %v", err)
+		}
+	}
+	h.cache.c.Wait()
+	runServeHTTP(b, h, reqs, false)
 }

@@ -135,7 +135,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		// Redis's anyway. While Redis is down only the rate is counted.
 		q = quota.Quota{}
 	}
-	var d redisDecision
+	var d limitDecision
 	var quotas *quota.Store
 	if !q.IsZero() {
 		var err error
@@ -176,7 +176,7 @@ const (
 
 // answer sends the response of a decision on a key's limits: 429 when
 // it is over one, else on to next, with the rate headers either way.
-func (h *Handler) answer(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, repl *caddy.Replacer, rec *keyRecord, pol *policy, d redisDecision, q quota.Quota, degraded string) error {
+func (h *Handler) answer(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, repl *caddy.Replacer, rec *keyRecord, pol *policy, d limitDecision, q quota.Quota, degraded string) error {
 	switch d.over {
 	case outcomeQuotaExceeded:
 		countDecision(limitQuota, false, d.inRedis)
@@ -218,7 +218,7 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 // redisDecide decides a request in Redis, or from the memory of a recent
 // denial (the local pre-check), which spares Redis a round trip for a key
 // that is clearly over.
-func (h *Handler) redisDecide(r *http.Request, rec *keyRecord, lim ratelimit.Limit, q quota.Quota) (redisDecision, error) {
+func (h *Handler) redisDecide(r *http.Request, rec *keyRecord, lim ratelimit.Limit, q quota.Quota) (limitDecision, error) {
 	now := time.Now().UnixNano()
 	id := deniedID{digest: rec.digest, lim: lim, quota: q}
 	gen := h.redis.gen.Load()

@@ -446,8 +446,9 @@ end
 return {0, remaining, reset, 0, used}
 `)
 
-// redisDecision is what decide answers.
-type redisDecision struct {
+// limitDecision is the decision on a request's rate limit and quota,
+// whether Redis or this server made it.
+type limitDecision struct {
 	rate  ratelimit.Decision
 	quota quota.Decision
 	// over is outcomeRateLimited or outcomeQuotaExceeded when denied.
@@ -458,7 +459,7 @@ type redisDecision struct {
 
 // decide counts one request by the key against lim and q (either may be
 // zero) in Redis.
-func (b *redisBackend) decide(ctx context.Context, digest *[32]byte, lim ratelimit.Limit, q quota.Quota) (redisDecision, error) {
+func (b *redisBackend) decide(ctx context.Context, digest *[32]byte, lim ratelimit.Limit, q quota.Quota) (limitDecision, error) {
 	hexDigest := hex.EncodeToString(digest[:])
 	keys := make([]string, 0, 2)
 	hasRate, hasQuota := "0", "0"
@@ -482,12 +483,12 @@ func (b *redisBackend) decide(ctx context.Context, digest *[32]byte, lim ratelim
 	res, err := decideScript.Run(cctx, b.client, keys, hasRate, hasQuota, interval, lim.Burst, q.Count, expireAt).Int64Slice()
 	cancel()
 	if err != nil {
-		return redisDecision{}, err
+		return limitDecision{}, err
 	}
 	if len(res) != 5 {
-		return redisDecision{}, fmt.Errorf("redis decide script: %d values, want 5", len(res))
+		return limitDecision{}, fmt.Errorf("redis decide script: %d values, want 5", len(res))
 	}
-	d := redisDecision{inRedis: true}
+	d := limitDecision{inRedis: true}
 	d.rate = ratelimit.Decision{
 		Allowed:    res[0] == 0,
 		Remaining:  res[1],
@@ -548,7 +549,7 @@ type deniedKey struct {
 	at    int64  // unix nanoseconds of the decision
 	until int64  // unix nanoseconds
 	gen   uint64 // the backend's generation then: a published change ends it
-	d     redisDecision
+	d     limitDecision
 }
 
 func (dk *deniedKeys) init() {
