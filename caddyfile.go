@@ -60,6 +60,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		on_limiter_error local | allow | deny
 //		metrics per_key [max_keys <n>]
 //		name <label>
+//		max_failures <count>/<duration> | off
 //		cache {
 //			size <n>
 //			ttl <duration>
@@ -291,6 +292,23 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.Redis = new(RedisConfig)
 			if err := h.Redis.unmarshalCaddyfile(d); err != nil {
 				return err
+			}
+
+		case "max_failures":
+			if err := once(name); err != nil {
+				return err
+			}
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			if d.Val() != "off" {
+				if _, err := ratelimit.ParseRate(d.Val()); err != nil {
+					return d.Errf("max_failures: %v", err)
+				}
+			}
+			h.MaxFailures = d.Val()
+			if d.NextArg() {
+				return d.Errf("max_failures: unexpected argument %q", d.Val())
 			}
 
 		case "name":

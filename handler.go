@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"strconv"
 	"strings"
@@ -37,14 +38,15 @@ const (
 // The errors of rejected requests. They say what went wrong, never with
 // which key.
 var (
-	errMissing       = errors.New("api key missing")
-	errInvalid       = errors.New("api key invalid")
-	errDisabled      = errors.New("api key disabled")
-	errExpired       = errors.New("api key expired")
-	errNotYetValid   = errors.New("api key not yet valid")
-	errForbidden     = errors.New("api key not allowed for this request")
-	errRateLimited   = errors.New("api key over its rate limit")
-	errQuotaExceeded = errors.New("api key over its quota")
+	errMissing         = errors.New("api key missing")
+	errInvalid         = errors.New("api key invalid")
+	errDisabled        = errors.New("api key disabled")
+	errExpired         = errors.New("api key expired")
+	errNotYetValid     = errors.New("api key not yet valid")
+	errForbidden       = errors.New("api key not allowed for this request")
+	errRateLimited     = errors.New("api key over its rate limit")
+	errQuotaExceeded   = errors.New("api key over its quota")
+	errTooManyFailures = errors.New("too many failed api key attempts from this address")
 )
 
 // maxKeyLen is the longest key looked up; a longer value is invalid.
@@ -57,6 +59,15 @@ const maxSources = 64
 // is known, valid now, allowed for this request and within its limits.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+
+	// An address that has failed too often is refused before any work.
+	if h.guard != nil && h.guard.len() != 0 {
+		if addr, ok := clientAddr(r); ok {
+			if blocked, retry := h.guard.blocked(addr); blocked {
+				return h.tooManyFailures(w, r, repl, retry)
+			}
+		}
+	}
 
 	key, found, ok := h.extract(r)
 	if !ok {
@@ -331,6 +342,29 @@ func restrictionsOf(rec *keyRecord, pl *plan) restrictions {
 	return pl.restr.over(&rec.restr)
 }
 
+// clientAddr is clientIP parsed, unmapped.
+func clientAddr(r *http.Request) (netip.Addr, bool) {
+	a, err := netip.ParseAddr(clientIP(r))
+	if err != nil {
+		return netip.Addr{}, false
+	}
+	return a.Unmap(), true
+}
+
+// tooManyFailures answers a request from an address that has made too
+// many failed key attempts: 429 until its failures run out.
+func (h *Handler) tooManyFailures(w http.ResponseWriter, r *http.Request, repl *caddy.Replacer, retry time.Duration) error {
+	h.countOutcome(outcomeTooManyFailures, nil)
+	if repl != nil {
+		repl.Map(providerTooManyFailures)
+	}
+	if extra, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields); ok {
+		setLogField(extra, zap.Object("api_key", logTooManyFailures))
+	}
+	w.Header().Set("Retry-After", strconv.FormatInt(max(1, ratelimit.CeilSeconds(retry)), 10))
+	return caddyhttp.Error(http.StatusTooManyRequests, errTooManyFailures)
+}
+
 // clientIP returns Caddy's client address of r (trusted_proxies applied).
 func clientIP(r *http.Request) string {
 	ip, _ := caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string)
@@ -522,6 +556,11 @@ func (h *Handler) setIdentity(r *http.Request, repl *caddy.Replacer, rec *keyRec
 // reject answers a request without a usable key: 401 with a challenge.
 func (h *Handler) reject(w http.ResponseWriter, r *http.Request, repl *caddy.Replacer, outcome string) error {
 	h.countOutcome(outcome, nil)
+	if outcome == outcomeInvalid && h.guard != nil {
+		if addr, ok := clientAddr(r); ok {
+			h.guard.fail(addr)
+		}
+	}
 	challenge, obj, provider, err := h.challengeMiss, logMissing, providerMissing, errMissing
 	if outcome == outcomeInvalid {
 		challenge, obj, provider, err = h.challengeBad, logInvalid, providerInvalid, errInvalid
@@ -583,10 +622,12 @@ var (
 	logInvalid = func() *logOutcome { o := logOutcome(outcomeInvalid); return &o }()
 
 	logStoreUnavailable = func() *logOutcome { o := logOutcome(outcomeStoreUnavailable); return &o }()
+	logTooManyFailures  = func() *logOutcome { o := logOutcome(outcomeTooManyFailures); return &o }()
 
 	providerMissing          = outcomeProvider(outcomeMissing)
 	providerInvalid          = outcomeProvider(outcomeInvalid)
 	providerStoreUnavailable = outcomeProvider(outcomeStoreUnavailable)
+	providerTooManyFailures  = outcomeProvider(outcomeTooManyFailures)
 )
 
 // outcomeProvider answers {http.api_key.outcome} for a request with no

@@ -603,7 +603,7 @@ func TestProvisionCleanupPools(t *testing.T) {
 func TestCleanupWhileServing(t *testing.T) {
 	for round := range 10 {
 		ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
-		h := &Handler{Keys: []InlineKey{{ID: "alpha", Key: testKeyA}}, Rate: "1000000/1s"}
+		h := &Handler{Keys: []InlineKey{{ID: "alpha", Key: testKeyA}}, Rate: "1000000/1s", MaxFailures: "off"}
 		if err := h.Provision(ctx); err != nil {
 			t.Fatal(err)
 		}

@@ -62,6 +62,7 @@ var apiKeyMetrics = struct {
 var allOutcomes = []string{
 	outcomeOK, outcomeMissing, outcomeInvalid, outcomeDisabled, outcomeExpired, outcomeNotYetValid,
 	outcomeForbidden, outcomeRateLimited, outcomeQuotaExceeded, outcomeStoreUnavailable, outcomeLimiterUnavailable,
+	outcomeTooManyFailures,
 }
 
 // Indexes of apiKeyMetrics.decided.

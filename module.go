@@ -124,6 +124,13 @@ type Handler struct {
 	// limiter_unavailable). Default: local.
 	OnLimiterError string `json:"on_limiter_error,omitempty"`
 
+	// MaxFailures is the brute-force guard: after this many failed key
+	// attempts (invalid keys) in this time, as "<count>/<duration>", a
+	// client address (Caddy's, so trusted_proxies is honoured) gets 429,
+	// outcome too_many_failures, before any lookup, until its failures
+	// have run out at that rate. "off" turns the guard off. Default: 20/1m.
+	MaxFailures string `json:"max_failures,omitempty"`
+
 	// Name identifies the handler in the admin API's answers, for example
 	// the site's address. Default: its keys file's path, "redis" with
 	// store redis, or "config" for keys given in the config only.
@@ -160,8 +167,9 @@ type Handler struct {
 	quotas        *quotaRef
 	now           func() int64 // unix nanoseconds, for expiry
 
-	perKeyMax      int    // 0: no per-key series
-	name           string // Name, or its default
+	guard          *failGuard // nil when max_failures is off
+	perKeyMax      int        // 0: no per-key series
+	name           string     // Name, or its default
 	redis          *redisBackend
 	redisKey       string
 	redisStore     bool
@@ -300,6 +308,29 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		h.defaultLimit = lim
 		h.defaultPolicy = policyValue("default", lim)
+	}
+	if h.MaxFailures != "off" {
+		spec := h.MaxFailures
+		if spec == "" {
+			spec = defaultMaxFailures
+		}
+		lim, err := ratelimit.ParseRate(spec)
+		if err != nil {
+			return fmt.Errorf("max_failures: %w", err)
+		}
+		h.guard = newFailGuard(lim, monotonicClock())
+		go func() {
+			t := time.NewTicker(limiterSweepInterval)
+			defer t.Stop()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+					h.guard.sweep()
+				}
+			}
+		}()
 	}
 	if h.Quota != "" {
 		q, err := quota.Parse(h.Quota)
