@@ -137,6 +137,22 @@ func (c *e2eCaddy) reload(t *testing.T, config []byte) {
 	// The old server closes its idle connections as it stops; a request
 	// sent on one of them just then would read EOF.
 	c.client.CloseIdleConnections()
+	// A connection the kernel queued on the old listener just before it
+	// closed is reset: wait until a new one gets an answer (a request
+	// without a key, which counts against no limit).
+	probe := &http.Client{Timeout: time.Second}
+	for i := 0; ; i++ {
+		resp, err := probe.Get(c.base + "/")
+		if err == nil {
+			resp.Body.Close()
+			break
+		}
+		if i == 40 {
+			t.Fatalf("the reloaded server does not answer: %v", err)
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+	probe.CloseIdleConnections()
 }
 
 // e2eFreePort returns a loopback TCP port that was free a moment ago.
