@@ -129,15 +129,15 @@ func usageOf(rec *keyRecord) *keyUsage {
 	return u
 }
 
-// countUsage counts a request of a known key.
-func countUsage(rec *keyRecord, outcome string) {
+// countUsage counts a request of a known key, made at now (monoNow).
+func countUsage(rec *keyRecord, outcome string, now int64) {
 	i := usageIndex(outcome)
 	if i < 0 {
 		return
 	}
 	u := usageOf(rec)
 	u.counts[i].Add(1)
-	u.lastSeen.Store(time.Now().Unix())
+	u.lastSeen.Store(monoUnix(now))
 }
 
 // adminKey is a key as the admin API shows it: never its hash.

@@ -164,7 +164,7 @@ func BenchmarkLimiterDecide(b *testing.B) {
 	digest := sha256.Sum256([]byte(testKeyA))
 	b.ReportAllocs()
 	for b.Loop() {
-		l.decide(&digest, h.defaultLimit)
+		l.decide(&digest, h.defaultLimit, 0)
 	}
 }
 
@@ -201,11 +201,11 @@ func BenchmarkCacheHit(b *testing.B) {
 	b.Cleanup(kc.close)
 	digest := sha256.Sum256([]byte(testKeyA))
 	rec := newKeyRecord(&keyRecord{id: "alpha"})
-	kc.put(&digest, 0, rec)
+	kc.put(&digest, 0, rec, 1)
 	kc.c.Wait()
 	b.ReportAllocs()
 	for b.Loop() {
-		if got, ok := kc.get(&digest, 0); !ok || got != rec {
+		if got, ok := kc.get(&digest, 0, 1); !ok || got != rec {
 			b.Fatal("cache miss")
 		}
 	}

@@ -21,6 +21,10 @@ import (
 //     still found.
 //   - It is a cache, never the truth: ristretto may drop a Set or evict any
 //     entry, and the caller then reads the key set again.
+//   - Entries expire by the time the request read (monoNow), which the
+//     caller hands in: ristretto's own TTL would read the clock again on
+//     every Get. Ristretto keeps an expired entry until it evicts it or a
+//     put replaces it; get treats it as a miss.
 //   - Each entry costs 1 against MaxCost (internal cost ignored), so size
 //     is the number of entries it keeps.
 //   - After close it answers nothing and keeps nothing. On a config reload
@@ -61,9 +65,10 @@ func (kc *keyCache) leave() { kc.inflight.Add(-1) }
 const maxCacheSize = 1 << 24
 
 type cacheEntry struct {
-	digest [32]byte
-	gen    uint64
-	rec    *keyRecord // nil for a key that is not in the set
+	digest  [32]byte
+	gen     uint64
+	expires int64      // monoNow time
+	rec     *keyRecord // nil for a key that is not in the set
 }
 
 func newKeyCache(size int64, ttl, negTTL time.Duration) (*keyCache, error) {
@@ -79,22 +84,24 @@ func newKeyCache(size int64, ttl, negTTL time.Duration) (*keyCache, error) {
 	return &keyCache{c: c, ttl: ttl, negTTL: negTTL}, nil
 }
 
-// get returns the cached lookup of digest in the set of generation gen: the
-// record (nil if the key is known not to exist) and whether there was one.
-func (kc *keyCache) get(digest *[32]byte, gen uint64) (*keyRecord, bool) {
+// get returns the cached lookup of digest in the set of generation gen, if
+// it has not expired at now (monoNow): the record (nil if the key is known
+// not to exist) and whether there was one.
+func (kc *keyCache) get(digest *[32]byte, gen uint64, now int64) (*keyRecord, bool) {
 	if !kc.enter() {
 		return nil, false
 	}
 	e, ok := kc.c.Get(binary.LittleEndian.Uint64(digest[:8]))
 	kc.leave()
-	if !ok || e.gen != gen+kc.epoch.Load() || e.digest != *digest {
+	if !ok || e.gen != gen+kc.epoch.Load() || now >= e.expires || e.digest != *digest {
 		return nil, false
 	}
 	return e.rec, true
 }
 
-// put remembers the lookup of digest in the set of generation gen.
-func (kc *keyCache) put(digest *[32]byte, gen uint64, rec *keyRecord) {
+// put remembers the lookup of digest in the set of generation gen, made at
+// now (monoNow).
+func (kc *keyCache) put(digest *[32]byte, gen uint64, rec *keyRecord, now int64) {
 	if !kc.enter() {
 		return
 	}
@@ -103,7 +110,10 @@ func (kc *keyCache) put(digest *[32]byte, gen uint64, rec *keyRecord) {
 	if rec == nil {
 		ttl = kc.negTTL
 	}
-	kc.c.SetWithTTL(binary.LittleEndian.Uint64(digest[:8]), &cacheEntry{digest: *digest, gen: gen + kc.epoch.Load(), rec: rec}, 1, ttl)
+	if ttl <= 0 {
+		return
+	}
+	kc.c.Set(binary.LittleEndian.Uint64(digest[:8]), &cacheEntry{digest: *digest, gen: gen + kc.epoch.Load(), expires: now + int64(ttl), rec: rec}, 1)
 }
 
 // purge makes every entry a miss: entries of the epoch before do not match

@@ -89,7 +89,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return h.reject(w, r, repl, outcomeInvalid)
 	}
 	digest := sha256.Sum256(unsafe.Slice(unsafe.StringData(key), len(key)))
-	rec, err := h.find(r, &digest)
+	now := monoNow()
+	rec, err := h.find(r, &digest, now)
 	if err != nil {
 		return h.storeUnavailable(w, r, repl)
 	}
@@ -107,7 +108,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		degraded = degradedCachedKey
 	}
 	if outcome, err := h.lifecycle(rec); err != nil {
-		w.Header().Set("WWW-Authenticate", h.challengeBad)
+		setChallenge(w.Header(), h.challengeBad)
 		return h.refuse(r, repl, rec, outcome, "", http.StatusUnauthorized, err)
 	}
 	var pl *plan
@@ -126,21 +127,22 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	q := h.quotaOf(rec, pl)
 	if lim.IsZero() && q.IsZero() {
-		return h.admit(w, r, next, repl, rec, degraded)
+		return h.admit(w, r, next, repl, rec, degraded, now)
 	}
 	if h.redisLimits {
 		d, err := h.redisDecide(r, rec, lim, q)
 		if err == nil {
-			return h.answer(w, r, next, repl, rec, pol, d, q, degraded)
+			return h.answer(w, r, next, repl, rec, pol, d, q, degraded, now)
 		}
 		switch h.onLimiterError {
 		case limiterErrorAllow:
-			return h.admit(w, r, next, repl, rec, degradedUnlimited)
+			return h.admit(w, r, next, repl, rec, degradedUnlimited, now)
 		case limiterErrorDeny:
 			w.Header().Set("Retry-After", "1")
 			return h.refuse(r, repl, rec, outcomeLimiterUnavailable, "", http.StatusTooManyRequests, errLimiterUnavailable)
 		}
 		degraded = degradedLocalLimits
+		now = monoNow() // Redis may have taken its whole timeout
 		// Quotas are Redis's alone: this server's own store may be in
 		// use by another process, and a quota counted here would not be
 		// Redis's anyway. While Redis is down only the rate is counted.
@@ -158,13 +160,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		// Over quota already: refuse without spending a rate token.
 		if d.quota = quotas.Peek(quotaName(rec), q); !d.quota.Allowed {
 			d.over = outcomeQuotaExceeded
-			return h.answer(w, r, next, repl, rec, pol, d, q, degraded)
+			return h.answer(w, r, next, repl, rec, pol, d, q, degraded, now)
 		}
 	}
 	if !lim.IsZero() {
-		if d.rate = h.limiter.decide(&rec.digest, lim); !d.rate.Allowed {
+		if d.rate = h.limiter.decide(&rec.digest, lim, now); !d.rate.Allowed {
 			d.over = outcomeRateLimited
-			return h.answer(w, r, next, repl, rec, pol, d, q, degraded)
+			return h.answer(w, r, next, repl, rec, pol, d, q, degraded, now)
 		}
 	}
 	if !q.IsZero() {
@@ -174,7 +176,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			d.over = outcomeQuotaExceeded
 		}
 	}
-	return h.answer(w, r, next, repl, rec, pol, d, q, degraded)
+	return h.answer(w, r, next, repl, rec, pol, d, q, degraded, now)
 }
 
 // Values of the log field's degraded: why a request was admitted in a
@@ -186,8 +188,9 @@ const (
 )
 
 // answer sends the response of a decision on a key's limits: 429 when
-// it is over one, else on to next, with the rate headers either way.
-func (h *Handler) answer(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, repl *caddy.Replacer, rec *keyRecord, pol *policy, d limitDecision, q quota.Quota, degraded string) error {
+// it is over one, else on to next, with the rate headers either way. now
+// is the request's monoNow reading.
+func (h *Handler) answer(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, repl *caddy.Replacer, rec *keyRecord, pol *policy, d limitDecision, q quota.Quota, degraded string, now int64) error {
 	switch d.over {
 	case outcomeQuotaExceeded:
 		countDecision(limitQuota, false, d.inRedis)
@@ -212,12 +215,13 @@ func (h *Handler) answer(w http.ResponseWriter, r *http.Request, next caddyhttp.
 		return h.refuse(r, repl, rec, outcomeRateLimited, degraded, http.StatusTooManyRequests, errRateLimited)
 	}
 	setRateHeaders(w.Header(), pol, d.rate, q, d.quota)
-	return h.admit(w, r, next, repl, rec, degraded)
+	return h.admit(w, r, next, repl, rec, degraded, now)
 }
 
-// admit names the key and hands the request on.
-func (h *Handler) admit(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, repl *caddy.Replacer, rec *keyRecord, degraded string) error {
-	h.countOutcome(outcomeOK, rec)
+// admit names the key and hands the request on. now is the request's
+// monoNow reading.
+func (h *Handler) admit(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, repl *caddy.Replacer, rec *keyRecord, degraded string, now int64) error {
+	h.countOutcomeAt(outcomeOK, rec, now)
 	if degraded == "" {
 		h.setIdentity(r, repl, rec, (*logOK)(rec))
 	} else {
@@ -266,9 +270,9 @@ func (h *Handler) storeUnavailable(w http.ResponseWriter, r *http.Request, repl 
 	if extra, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields); ok {
 		setLogField(extra, zap.Object("api_key", logStoreUnavailable))
 	}
-	w.Header().Set("WWW-Authenticate", h.challengeMiss)
+	setChallenge(w.Header(), h.challengeMiss)
 	w.Header().Set("Retry-After", "1")
-	return caddyhttp.Error(http.StatusUnauthorized, errStoreUnavailable)
+	return handlerError(http.StatusUnauthorized, errStoreUnavailable)
 }
 
 // refuse answers a request made with a known key that may not pass: the
@@ -296,7 +300,7 @@ func (h *Handler) refuse(r *http.Request, repl *caddy.Replacer, rec *keyRecord, 
 			repl.Set("http.api_key.restriction", restriction)
 		}
 	}
-	return caddyhttp.Error(status, err)
+	return handlerError(status, err)
 }
 
 // checkFormat reports whether key is well formed for every declared prefix
@@ -362,7 +366,24 @@ func (h *Handler) tooManyFailures(w http.ResponseWriter, r *http.Request, repl *
 		setLogField(extra, zap.Object("api_key", logTooManyFailures))
 	}
 	w.Header().Set("Retry-After", strconv.FormatInt(max(1, ratelimit.CeilSeconds(retry)), 10))
-	return caddyhttp.Error(http.StatusTooManyRequests, errTooManyFailures)
+	return handlerError(http.StatusTooManyRequests, errTooManyFailures)
+}
+
+// handlerError is caddyhttp.Error(status, err) with a fixed trace. Caddy
+// makes the trace by walking the stack (runtime.Caller, FuncForPC and
+// Sprintf), which costs more than the whole key check: a flood of made-up
+// keys would pay it on every request. The trace would name this handler
+// anyway.
+func handlerError(status int, err error) error {
+	return caddyhttp.Error(status, caddyhttp.HandlerError{StatusCode: status, Err: err, Trace: handlerTrace})
+}
+
+const handlerTrace = "apikey.(*Handler).ServeHTTP (handler.go)"
+
+// setChallenge sets WWW-Authenticate. Header.Set would make the canonical
+// form of the name ("Www-Authenticate") anew on every call.
+func setChallenge(hdr http.Header, challenge string) {
+	hdr["Www-Authenticate"] = []string{challenge}
 }
 
 // clientIP returns Caddy's client address of r (trusted_proxies applied).
@@ -380,7 +401,7 @@ func quotaName(rec *keyRecord) string {
 // find returns the record of the key with this digest, or nil. It asks the
 // cache first and remembers what the key set (or Redis) answered; an error
 // is a lookup in Redis that failed, which is not remembered.
-func (h *Handler) find(r *http.Request, digest *[32]byte) (*keyRecord, error) {
+func (h *Handler) find(r *http.Request, digest *[32]byte, now int64) (*keyRecord, error) {
 	var set *keySet
 	var gen uint64
 	switch {
@@ -390,7 +411,7 @@ func (h *Handler) find(r *http.Request, digest *[32]byte) (*keyRecord, error) {
 	case h.redisStore:
 		gen = h.redis.gen.Load()
 	}
-	if rec, ok := h.cache.get(digest, gen); ok {
+	if rec, ok := h.cache.get(digest, gen, now); ok {
 		apiKeyMetrics.cacheHits.Inc()
 		return rec, nil
 	}
@@ -420,7 +441,7 @@ func (h *Handler) find(r *http.Request, digest *[32]byte) (*keyRecord, error) {
 			rec = nil
 		}
 	}
-	h.cache.put(digest, gen, rec)
+	h.cache.put(digest, gen, rec, now)
 	return rec, nil
 }
 
@@ -571,8 +592,8 @@ func (h *Handler) reject(w http.ResponseWriter, r *http.Request, repl *caddy.Rep
 	if extra, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields); ok {
 		setLogField(extra, zap.Object("api_key", obj))
 	}
-	w.Header().Set("WWW-Authenticate", challenge)
-	return caddyhttp.Error(http.StatusUnauthorized, err)
+	setChallenge(w.Header(), challenge)
+	return handlerError(http.StatusUnauthorized, err)
 }
 
 // The access log's api_key field, per outcome. logOK is a conversion of

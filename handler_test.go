@@ -368,7 +368,7 @@ func TestLimiterSweep(t *testing.T) {
 	digests := make([][32]byte, 1000)
 	for i := range digests {
 		digests[i] = sha256.Sum256([]byte(fmt.Sprint("key-", i)))
-		l.decide(&digests[i], lim)
+		l.decide(&digests[i], lim, 0)
 	}
 	if got := l.len(); got != 1000 {
 		t.Fatalf("states = %d, want 1000", got)
@@ -377,7 +377,7 @@ func TestLimiterSweep(t *testing.T) {
 		t.Fatalf("sweep dropped %d busy states, want 0", got)
 	}
 	clock.advance(499 * time.Millisecond)
-	l.decide(&digests[1], lim) // busy again: must survive the sweep
+	l.decide(&digests[1], lim, 0) // busy again: must survive the sweep
 	clock.advance(2 * time.Millisecond)
 	if got := l.sweep(); got != 999 {
 		t.Fatalf("sweep dropped %d, want 999", got)
@@ -395,18 +395,18 @@ func TestLimiterStateKeyedByLimit(t *testing.T) {
 	b := ratelimit.Limit{Count: 2, Period: time.Minute, Burst: 2}
 	k := sha256.Sum256([]byte("k"))
 	other := sha256.Sum256([]byte("other"))
-	if !l.decide(&k, a).Allowed || l.decide(&k, a).Allowed {
+	if !l.decide(&k, a, 0).Allowed || l.decide(&k, a, 0).Allowed {
 		t.Fatal("1/1m should admit one request")
 	}
 	// A changed limit starts afresh; the unchanged one keeps its state.
-	if !l.decide(&k, b).Allowed {
+	if !l.decide(&k, b, 0).Allowed {
 		t.Error("a new limit for the key should start with a full burst")
 	}
-	if l.decide(&k, a).Allowed {
+	if l.decide(&k, a, 0).Allowed {
 		t.Error("the old limit's state was lost")
 	}
 	// Another key, even one with the same id elsewhere, has its own.
-	if !l.decide(&other, a).Allowed {
+	if !l.decide(&other, a, 0).Allowed {
 		t.Error("another key shared the first key's state")
 	}
 }
@@ -511,7 +511,7 @@ func TestCacheGeneration(t *testing.T) {
 	h := newTestHandler(t, &Handler{KeysFile: path})
 	find := func(key string) *keyRecord {
 		d := sha256.Sum256([]byte(key))
-		rec, err := h.find(httptest.NewRequest("GET", "/", nil), &d)
+		rec, err := h.find(httptest.NewRequest("GET", "/", nil), &d, monoNow())
 		if err != nil {
 			t.Fatalf("find: %v", err)
 		}
@@ -527,7 +527,7 @@ func TestCacheGeneration(t *testing.T) {
 		h.cache.c.Wait()
 	}
 	d := sha256.Sum256([]byte("key-a"))
-	if _, ok := h.cache.get(&d, h.keysFile.set.Load().gen); !ok {
+	if _, ok := h.cache.get(&d, h.keysFile.set.Load().gen, monoNow()); !ok {
 		t.Fatal("key a is not cached; the test would prove nothing")
 	}
 	writeKeys("b", "c")
@@ -718,7 +718,7 @@ func TestLimiterSweeper(t *testing.T) {
 	l.startSweeper(5 * time.Millisecond)
 	lim := ratelimit.Limit{Count: 1, Period: time.Second, Burst: 1}
 	d := sha256.Sum256([]byte("k"))
-	l.decide(&d, lim)
+	l.decide(&d, lim, 0)
 	time.Sleep(30 * time.Millisecond)
 	if got := l.len(); got != 1 {
 		t.Fatalf("a busy state was swept: %d states", got)
@@ -772,6 +772,42 @@ func TestKeyRemovedOnRejection(t *testing.T) {
 	}
 }
 
+// TestCacheExpiry checks that entries expire by the time the request read:
+// a found key after ttl, an unknown one after negative_ttl, to the
+// nanosecond.
+func TestCacheExpiry(t *testing.T) {
+	kc, err := newKeyCache(100, time.Minute, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer kc.close()
+	found, unknown := sha256.Sum256([]byte("found")), sha256.Sum256([]byte("unknown"))
+	rec := newKeyRecord(&keyRecord{id: "found"})
+	const t0 = int64(time.Hour)
+	kc.put(&found, 1, rec, t0)
+	kc.put(&unknown, 1, nil, t0)
+	kc.c.Wait()
+	for _, tc := range []struct {
+		name   string
+		digest *[32]byte
+		at     time.Duration
+		hit    bool
+	}{
+		{"found, just before ttl", &found, time.Minute - 1, true},
+		{"found, at ttl", &found, time.Minute, false},
+		{"unknown, just before negative_ttl", &unknown, time.Second - 1, true},
+		{"unknown, at negative_ttl", &unknown, time.Second, false},
+	} {
+		got, ok := kc.get(tc.digest, 1, t0+int64(tc.at))
+		if ok != tc.hit {
+			t.Errorf("%s: hit = %v, want %v", tc.name, ok, tc.hit)
+		}
+		if ok && (got == nil) != (tc.digest == &unknown) {
+			t.Errorf("%s: record = %v", tc.name, got)
+		}
+	}
+}
+
 func TestCachePurge(t *testing.T) {
 	kc, err := newKeyCache(100, time.Hour, time.Hour)
 	if err != nil {
@@ -780,18 +816,18 @@ func TestCachePurge(t *testing.T) {
 	defer kc.close()
 	d := sha256.Sum256([]byte("k"))
 	rec := newKeyRecord(&keyRecord{id: "k"})
-	kc.put(&d, 7, rec)
+	kc.put(&d, 7, rec, 1)
 	kc.c.Wait()
-	if got, ok := kc.get(&d, 7); !ok || got != rec {
+	if got, ok := kc.get(&d, 7, 1); !ok || got != rec {
 		t.Fatal("entry not cached")
 	}
 	kc.purge()
-	if _, ok := kc.get(&d, 7); ok {
+	if _, ok := kc.get(&d, 7, 1); ok {
 		t.Fatal("entry still found after purge")
 	}
-	kc.put(&d, 7, rec)
+	kc.put(&d, 7, rec, 1)
 	kc.c.Wait()
-	if got, ok := kc.get(&d, 7); !ok || got != rec {
+	if got, ok := kc.get(&d, 7, 1); !ok || got != rec {
 		t.Fatal("entry put after purge not found")
 	}
 }

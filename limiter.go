@@ -55,6 +55,20 @@ func monotonicClock() func() int64 {
 	return func() int64 { return int64(time.Since(start)) }
 }
 
+// processStart anchors monoNow.
+var processStart = time.Now()
+
+// monoNow reads the monotonic clock in nanoseconds since the process
+// started. The request path reads it once per request and hands the
+// reading to the cache, the limiter and the usage counters: a clock read
+// costs 40-70 ns on some virtual machines, as much as a limiter decision.
+func monoNow() int64 { return int64(time.Since(processStart)) }
+
+// monoUnix converts a monoNow reading to Unix seconds.
+func monoUnix(mono int64) int64 { return processStart.Add(time.Duration(mono)).Unix() }
+
+// newLimiter returns a limiter that reads clock, or, when clock is nil,
+// goes by the time each request read (monoNow).
 func newLimiter(clock func() int64) *limiter {
 	l := &limiter{clock: clock, stop: make(chan struct{})}
 	for i := range l.shards {
@@ -81,9 +95,12 @@ func (l *limiter) startSweeper(every time.Duration) {
 	}()
 }
 
-// decide counts one request by the key with this digest against lim.
-func (l *limiter) decide(digest *[32]byte, lim ratelimit.Limit) ratelimit.Decision {
-	now := l.clock()
+// decide counts one request by the key with this digest against lim, at
+// now (a monoNow reading) unless the limiter has a clock of its own.
+func (l *limiter) decide(digest *[32]byte, lim ratelimit.Limit, now int64) ratelimit.Decision {
+	if l.clock != nil {
+		now = l.clock()
+	}
 	k := bucketKey{digest: *digest, interval: lim.Interval(), burst: lim.Burst}
 	// The digest is uniformly random, so any byte of it picks a shard.
 	s := &l.shards[digest[31]%limiterShards]
@@ -102,7 +119,10 @@ func (l *limiter) decide(digest *[32]byte, lim ratelimit.Limit) ratelimit.Decisi
 // sweep drops every state whose key is back at its full burst: such a
 // state decides the next request exactly as a missing one would.
 func (l *limiter) sweep() int {
-	now := l.clock()
+	now := monoNow()
+	if l.clock != nil {
+		now = l.clock()
+	}
 	dropped := 0
 	for i := range l.shards {
 		s := &l.shards[i]

@@ -140,6 +140,12 @@ func registerMetrics(reg *prometheus.Registry) error {
 // countOutcome counts one request's outcome, and its key's when per-key
 // series are on.
 func (h *Handler) countOutcome(outcome string, rec *keyRecord) {
+	h.countOutcomeAt(outcome, rec, 0)
+}
+
+// countOutcomeAt is countOutcome for a request that read the clock
+// already: now is its monoNow reading, or 0 to read it here.
+func (h *Handler) countOutcomeAt(outcome string, rec *keyRecord, now int64) {
 	if outcome == outcomeOK {
 		apiKeyMetrics.ok.Inc()
 	} else {
@@ -148,7 +154,10 @@ func (h *Handler) countOutcome(outcome string, rec *keyRecord) {
 	if rec == nil {
 		return
 	}
-	countUsage(rec, outcome)
+	if now == 0 {
+		now = monoNow()
+	}
+	countUsage(rec, outcome, now)
 	if h.perKeyMax == 0 {
 		return
 	}

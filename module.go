@@ -404,7 +404,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 
 	val, _, err := limiterPool.LoadOrNew(limiterPoolKey, func() (caddy.Destructor, error) {
-		l := newLimiter(monotonicClock())
+		l := newLimiter(nil)
 		l.startSweeper(limiterSweepInterval)
 		return l, nil
 	})
