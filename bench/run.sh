@@ -3,19 +3,21 @@
 #
 # Builds cmd/caddy and bench/genkeys, writes keys files of 1,000 and
 # 1,000,000 keys, starts one Caddy with a site per configuration (plain
-# respond; api_key with 1k keys, 1M keys, + rate, + quota, + Redis counters,
-# + Redis keys; each without and with a JSON access log to a file), a Redis,
-# and nginx (plain empty_gif; map $http_x_api_key + limit_req keyed by the
-# mapped id, 1k and 1M keys). Drives each with wrk in alternating rounds
-# with a Zipf-like mix of 10,000 valid keys, and prints the medians of
-# req/s, p50 and p99, the server CPU per request, and each site's ratio to
-# its plain reference measured in the same run. Then: an invalid-key flood,
-# a reload of the 1M keys file under load, and the 1M set's load time and
-# resident memory.
+# respond; api_key with 1k keys, 1M keys, 1M keys + rate, + rate, + quota,
+# + Redis counters, + Redis keys; each without and with a JSON access log
+# to a file; 1k keys with a declared prefix), a Redis, and nginx (plain
+# empty_gif; map $http_x_api_key + limit_req keyed by the mapped id, 1k and
+# 1M keys; plain and 1k keys again with a JSON access log). Drives each
+# with wrk in alternating rounds with a Zipf-like mix of 10,000 valid keys,
+# and prints the medians of req/s, p50 and p99, the server CPU per request,
+# and each site's ratio to its reference measured in the same run; also
+# invalid-key floods (random keys; random keys in a declared prefix's
+# format). Then: a reload of the 1M keys file under load, and the 1M set's
+# load time and resident memory.
 #
 #   bench/run.sh [--smoke] [--rounds N] [--secs S]
 #
-# --smoke: one round of 2 s per site (about a minute in all). Default: 3
+# --smoke: one round of 2 s per site (about 2.5 minutes in all). Default: 3
 # rounds of 6 s (under 10 minutes). Needs wrk, redis-server; nginx rows are
 # skipped without nginx. Nothing fails on a number: this script measures.
 set -euo pipefail
@@ -89,18 +91,31 @@ function request()
 end
 LUA
 cat >"$work/random.lua" <<'LUA'
--- random.lua: wrk sends a new random key on every request (an invalid-key
--- flood: none of them is in the key set or the negative cache).
-local chars = "abcdefghijklmnopqrstuvwxyz0123456789"
-math.randomseed(os.time())
+-- random.lua: an invalid-key flood. wrk sends random keys, PREFIX then 38
+-- random characters, from 200,000 requests formatted once in init (as
+-- zipf.lua does, so that the client spends no more per request than on
+-- the valid rows). 200,000 is twice the default cache size: a key comes
+-- round again only after 199,999 others, and the negative cache cannot
+-- keep them all.
+local chars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+local prefix = os.getenv("PREFIX") or "rnd-"
+local reqs, n, N = {}, 0, 200000
+
+function init(args)
+  math.randomseed(os.time() + (args and #args or 0))
+  local t = {}
+  for j = 1, N do
+    for i = 1, 38 do
+      local c = math.random(#chars)
+      t[i] = chars:sub(c, c)
+    end
+    reqs[j] = wrk.format("GET", "/", { ["X-API-Key"] = prefix .. table.concat(t) })
+  end
+end
 
 function request()
-  local t = {}
-  for i = 1, 40 do
-    local c = math.random(#chars)
-    t[i] = chars:sub(c, c)
-  end
-  return wrk.format("GET", "/", { ["X-API-Key"] = "rnd-" .. table.concat(t) })
+  n = n % N + 1
+  return reqs[n]
 end
 LUA
 
@@ -141,6 +156,16 @@ add_site k1k 18102 "api_key {
 add_site k1m 18104 "api_key {
 		max_failures off
 		keys_file $work/keys1m.json
+	}"
+add_site k1m-rate 18114 "api_key {
+		max_failures off
+		keys_file $work/keys1m.json
+		rate 1000000000/1s
+	}"
+add_site prefixed 18116 "api_key {
+		max_failures off
+		keys_file $work/keys1k.json
+		prefix sk
 	}"
 add_site rate 18106 "api_key {
 		max_failures off
@@ -209,8 +234,15 @@ if [ $have_nginx = 1 ]; then
 	nginx_conf "$work/nginx.conf" "$work/nginx.pid" "
 	map \$http_x_api_key \$key_id { default \"\"; include $work/map1k.conf; }
 	limit_req_zone \$key_id zone=keys1k:16m rate=100000000r/s;
+	log_format apikey escape=json '{\"ts\":\"\$time_iso8601\",\"status\":\$status,\"uri\":\"\$request_uri\",\"key_id\":\"\$key_id\",\"bytes\":\$body_bytes_sent,\"duration\":\$request_time}';
 	server { listen 127.0.0.1:18200; location / { empty_gif; } }
 	server { listen 127.0.0.1:18201; location / {
+		if (\$key_id = \"\") { return 401; }
+		limit_req zone=keys1k burst=1000000 nodelay;
+		empty_gif;
+	} }
+	server { listen 127.0.0.1:18203; access_log $work/nginx-access-18203.log apikey; location / { empty_gif; } }
+	server { listen 127.0.0.1:18204; access_log $work/nginx-access-18204.log apikey; location / {
 		if (\$key_id = \"\") { return 401; }
 		limit_req zone=keys1k burst=1000000 nodelay;
 		empty_gif;
@@ -241,14 +273,21 @@ fi
 rows=() declare -A url script keysf cpupids ref
 add_row() { rows+=("$1"); url[$1]=$2; script[$1]=$3; keysf[$1]=$4; cpupids[$1]=$5; ref[$1]=$6; }
 for s in "${sites[@]}"; do
-	kf=$work/plain.txt; [ "$s" = k1m ] && kf=$work/plain1m.txt
+	kf=$work/plain.txt; case $s in k1m*) kf=$work/plain1m.txt ;; esac
 	add_row "$s" "http://127.0.0.1:${port[$s]}/" zipf "$kf" "$caddy_pid $redis_pid" plain
+	# prefixed is there as the reference of invalid-prefixed only.
+	[ "$s" = prefixed ] && continue
 	add_row "$s+log" "http://127.0.0.1:$((port[$s] + 1))/" zipf "$kf" "$caddy_pid $redis_pid" plain+log
 done
 add_row invalid "http://127.0.0.1:${port[k1k]}/" random "$work/plain.txt" "$caddy_pid $redis_pid" k1k
+# Made-up keys in the format of a declared prefix: the checksum turns them
+# away before any hashing or lookup. Reference: valid keys on that site.
+add_row invalid-prefixed "http://127.0.0.1:${port[prefixed]}/" random "$work/plain.txt" "$caddy_pid $redis_pid" prefixed
 if [ ${#nginx_pids[@]} -gt 0 ]; then
 	add_row nginx "http://127.0.0.1:18200/" zipf "$work/plain.txt" "${nginx_pids[*]}" nginx
 	add_row nginx-map1k "http://127.0.0.1:18201/" zipf "$work/plain.txt" "${nginx_pids[*]}" nginx
+	add_row nginx+log "http://127.0.0.1:18203/" zipf "$work/plain.txt" "${nginx_pids[*]}" nginx+log
+	add_row nginx-map1k+log "http://127.0.0.1:18204/" zipf "$work/plain.txt" "${nginx_pids[*]}" nginx+log
 fi
 [ ${#nginx1m_pids[@]} -gt 0 ] &&
 	add_row nginx-map1m "http://127.0.0.1:18202/" zipf "$work/plain1m.txt" "${nginx1m_pids[*]}" nginx
@@ -260,7 +299,9 @@ to_us() { awk -v v="$1" 'BEGIN { n = v + 0; u = v; sub(/^[0-9.]+/, "", u);
 drive() {
 	local r=$1 d=$2 out c0 c1
 	c0=$(cpu_ticks ${cpupids[$r]})
-	out=$(KEYS_FILE=${keysf[$r]} wrk -t1 -c$conns -d"${d}s" --latency -s "$work/${script[$r]}.lua" "${url[$r]}")
+	local prefix=rnd-
+	[ "$r" = invalid-prefixed ] && prefix=sk_
+	out=$(PREFIX=$prefix KEYS_FILE=${keysf[$r]} wrk -t1 -c$conns -d"${d}s" --latency -s "$work/${script[$r]}.lua" "${url[$r]}")
 	c1=$(cpu_ticks ${cpupids[$r]})
 	echo "$out" >>"$work/wrk-$r.log"
 	local rps p50 p99 reqs bad
@@ -292,7 +333,7 @@ for row in "${rows[@]}"; do mrps[$row]=$(col "$row" 1 | med); done
 echo
 echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo); $(date -u +%Y-%m-%d); $(go version | cut -d' ' -f3)"
 echo "wrk -t1 -c$conns, $rounds round(s) of ${secs} s, alternating; medians. CPU: server µs per request (Caddy + Redis, or all nginx processes)."
-echo "Ratio: to the row's reference in the same run (plain for no log, plain+log with a log, k1k for invalid keys, nginx for nginx rows)."
+echo "Ratio: to the row's reference in the same run (plain for no log, plain+log with a log, k1k for invalid keys, prefixed for invalid-prefixed, nginx or nginx+log for nginx rows)."
 echo
 printf '| %-18s | %9s | %7s | %7s | %8s | %6s | %-9s | %6s |\n' site 'req/s' 'p50 µs' 'p99 µs' 'CPU µs' 'errors' ref ratio
 printf '| %s | %s: | %s: | %s: | %s: | %s: | %s | %s: |\n' ----------------- -------- ------ ------ ------- ----- --------- -----
@@ -303,14 +344,14 @@ for row in "${rows[@]}"; do
 	ticks=$(col "$row" 6 | awk '{s += $1} END {print s}')
 	cpu=$(awk -v t="$ticks" -v n="$reqs" -v hz="$hz" 'BEGIN {printf "%.1f", t / hz * 1e6 / n}')
 	ratio=$(awk -v a="${mrps[$row]}" -v b="${mrps[${ref[$row]}]}" 'BEGIN {printf "%.3f", a / b}')
-	[ "$row" = invalid ] || [ "$bad" = 0 ] || bad="$bad!"
+	case $row in invalid*) ;; *) [ "$bad" = 0 ] || bad="$bad!" ;; esac
 	printf '| %-18s | %9.0f | %7s | %7s | %8s | %6s | %-9s | %6s |\n' "$row" "${mrps[$row]}" "$p50" "$p99" "$cpu" "$bad" "${ref[$row]}" "$ratio"
 done
 
 # --- Reload of the 1M keys file under load: a steady run, then a run
 # during which the file is replaced (by one with a key more) and reloaded.
 say "reload under load"
-rsecs=$((smoke ? 12 : 20))
+rsecs=$((smoke ? 6 : 20))
 steady=$(drive k1m "$rsecs")
 loaded_before=$(grep -c 'keys file reloaded' "$work/caddy.log" || true)
 (sleep $((rsecs / 3)); cp "$work/keys1m-b.json" "$work/keys1m.tmp" && mv "$work/keys1m.tmp" "$work/keys1m.json") &
