@@ -155,7 +155,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				if _, err := parseDigest(k.Key); err != nil {
 					return d.Errf("key %s: %v", k.ID, err)
 				}
-			case strings.Contains(k.Key, "{env.") || strings.Contains(k.Key, "{file."):
+			case holdsPlaceholder(k.Key):
 				// A placeholder, expanded at provision.
 			default:
 				if !validKey(k.Key) {
@@ -382,6 +382,23 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		return d.Err("api_key: store redis and limits redis need a redis block")
 	}
 	return nil
+}
+
+// holdsPlaceholder reports whether key holds an {env.*} or {file.*}
+// placeholder as Caddy's replacer finds them at provision. A key that only
+// contains "{env." is a literal key, to be hashed here.
+func holdsPlaceholder(key string) bool {
+	found := false
+	repl := caddy.NewEmptyReplacer()
+	repl.Map(func(name string) (any, bool) {
+		if strings.HasPrefix(name, "env.") || strings.HasPrefix(name, "file.") {
+			found = true
+			return "", true
+		}
+		return nil, false
+	})
+	repl.ReplaceKnown(key, "")
+	return found
 }
 
 // parseRateArgs reads the arguments of rate: <count>/<duration> [burst
