@@ -127,7 +127,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	q := h.quotaOf(rec, pl)
 	if lim.IsZero() && q.IsZero() {
-		return h.admit(w, r, next, repl, rec, degraded, now)
+		return h.admit(w, r, next, repl, rec, degraded, now, nil)
 	}
 	if h.redisLimits {
 		d, err := h.redisDecide(r, rec, lim, q)
@@ -136,7 +136,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		}
 		switch h.onLimiterError {
 		case limiterErrorAllow:
-			return h.admit(w, r, next, repl, rec, degradedUnlimited, now)
+			return h.admit(w, r, next, repl, rec, degradedUnlimited, now, nil)
 		case limiterErrorDeny:
 			w.Header().Set("Retry-After", "1")
 			return h.refuse(r, repl, rec, outcomeLimiterUnavailable, "", http.StatusTooManyRequests, errLimiterUnavailable)
@@ -214,18 +214,18 @@ func (h *Handler) answer(w http.ResponseWriter, r *http.Request, next caddyhttp.
 		w.Header().Set("Retry-After", strconv.FormatInt(max(1, ratelimit.CeilSeconds(d.rate.RetryAfter)), 10))
 		return h.refuse(r, repl, rec, outcomeRateLimited, degraded, http.StatusTooManyRequests, errRateLimited)
 	}
-	setRateHeaders(w.Header(), pol, d.rate, q, d.quota)
-	return h.admit(w, r, next, repl, rec, degraded, now)
+	spare := setRateHeaders(w.Header(), pol, d.rate, q, d.quota)
+	return h.admit(w, r, next, repl, rec, degraded, now, spare)
 }
 
 // admit names the key and hands the request on. now is the request's
-// monoNow reading.
-func (h *Handler) admit(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, repl *caddy.Replacer, rec *keyRecord, degraded string, now int64) error {
+// monoNow reading; spare, if not nil, is room for the log field.
+func (h *Handler) admit(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, repl *caddy.Replacer, rec *keyRecord, degraded string, now int64, spare *[1]zapcore.Field) error {
 	h.countOutcomeAt(outcomeOK, rec, now)
 	if degraded == "" {
-		h.setIdentity(r, repl, rec, (*logOK)(rec))
+		h.setIdentity(r, repl, rec, (*logOK)(rec), spare)
 	} else {
-		h.setIdentity(r, repl, rec, &logRefused{rec: rec, outcome: outcomeOK, degraded: degraded})
+		h.setIdentity(r, repl, rec, &logRefused{rec: rec, outcome: outcomeOK, degraded: degraded}, spare)
 	}
 	return next.ServeHTTP(w, r)
 }
@@ -290,7 +290,7 @@ func (h *Handler) refuse(r *http.Request, repl *caddy.Replacer, rec *keyRecord, 
 	} else {
 		lf.degraded = detail
 	}
-	h.setIdentity(r, repl, rec, lf)
+	h.setIdentity(r, repl, rec, lf, nil)
 	// The key's provider answers "ok"; a static value is looked up before
 	// any provider, so these rarer outcomes cost a map entry instead of a
 	// second provider per key.
@@ -492,11 +492,14 @@ func (h *Handler) quotaOf(rec *keyRecord, pl *plan) quota.Quota {
 
 // rateHeaders holds the RateLimit and RateLimit-Policy header values of one
 // response in a single allocation: the slices and the bytes of the
-// values, sized for a rate limit alone. The values are not shared between responses, since later
-// handlers may edit header slices in place.
+// values, sized for a rate limit alone, and room for the access log's
+// api_key field (see setLogFieldIn), so that an admitted request with a
+// limit allocates once. The values are not shared between responses, since
+// later handlers may edit header slices in place.
 type rateHeaders struct {
 	rateLimit [1]string
 	policy    [1]string
+	logField  [1]zapcore.Field
 	buf       [48]byte // "default";r=<10 digits>;t=<10 digits>
 }
 
@@ -504,6 +507,7 @@ type rateHeaders struct {
 type rateQuotaHeaders struct {
 	rateLimit [1]string
 	policy    [1]string
+	logField  [1]zapcore.Field
 	buf       [176]byte
 }
 
@@ -511,19 +515,21 @@ type rateQuotaHeaders struct {
 // draft-ietf-httpapi-ratelimit-headers-10, for the rate limit (pol, d;
 // none when pol is nil) and the quota (q, qd; none when q is zero): r is
 // the number of requests left now, t the seconds until the full burst is
-// back, or until the quota's period ends.
-func setRateHeaders(hdr http.Header, pol *policy, d ratelimit.Decision, q quota.Quota, qd quota.Decision) {
+// back, or until the quota's period ends. It returns the room it made for
+// the log field, nil if it set nothing.
+func setRateHeaders(hdr http.Header, pol *policy, d ratelimit.Decision, q quota.Quota, qd quota.Decision) *[1]zapcore.Field {
 	if pol == nil && q.IsZero() {
-		return
+		return nil
 	}
 	var rateLimit, policy []string
+	var spare *[1]zapcore.Field
 	var b []byte
 	if q.IsZero() {
 		rh := new(rateHeaders)
-		rateLimit, policy, b = rh.rateLimit[:], rh.policy[:], rh.buf[:0]
+		rateLimit, policy, spare, b = rh.rateLimit[:], rh.policy[:], &rh.logField, rh.buf[:0]
 	} else {
 		rh := new(rateQuotaHeaders)
-		rateLimit, policy, b = rh.rateLimit[:], rh.policy[:], rh.buf[:0]
+		rateLimit, policy, spare, b = rh.rateLimit[:], rh.policy[:], &rh.logField, rh.buf[:0]
 	}
 	if pol != nil {
 		b = append(b, pol.rateLabel...)
@@ -559,18 +565,20 @@ func setRateHeaders(hdr http.Header, pol *policy, d ratelimit.Decision, q quota.
 	}
 	hdr["Ratelimit-Policy"] = policy
 	hdr["Ratelimit"] = rateLimit
+	return spare
 }
 
 // setIdentity names the key for the placeholders, the vars and the access
 // log. All of it is made once per key at load, so nothing allocates but
-// the growth of the log fields' slice.
-func (h *Handler) setIdentity(r *http.Request, repl *caddy.Replacer, rec *keyRecord, logObj zapcore.ObjectMarshaler) {
+// the growth of the log fields' slice, and not that when spare is room
+// for the field.
+func (h *Handler) setIdentity(r *http.Request, repl *caddy.Replacer, rec *keyRecord, logObj zapcore.ObjectMarshaler, spare *[1]zapcore.Field) {
 	if repl != nil {
 		repl.Map(rec.provider)
 	}
 	caddyhttp.SetVar(r.Context(), "http.auth.user.id", rec.idAny)
 	if extra, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields); ok {
-		setLogField(extra, zap.Object("api_key", logObj))
+		setLogFieldIn(extra, zap.Object("api_key", logObj), spare)
 	}
 }
 

@@ -831,3 +831,42 @@ func TestCachePurge(t *testing.T) {
 		t.Fatal("entry put after purge not found")
 	}
 }
+
+// TestHotPathAllocs counts the allocations of an admitted request with a
+// cached key, as BenchmarkServeHTTP prepares it: one, for the rate headers
+// and the log field together with a limit, and for the log field alone
+// without. Issue 2 allows at most 3.
+func TestHotPathAllocs(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector's sync.Pool drops items at random: counts are not exact")
+	}
+	for _, tc := range []struct {
+		name string
+		rate string
+		hdr  http.Header
+		want float64
+	}{
+		{"bearer/rate", "1000000000/1s", http.Header{"Authorization": {"Bearer " + testKeyA}}, 1},
+		{"header/rate", "1000000000/1s", http.Header{"X-Api-Key": {testKeyA}}, 1},
+		{"header/norate", "", http.Header{"X-Api-Key": {testKeyA}}, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newTestHandler(t, &Handler{Keys: []InlineKey{{ID: "alpha", Key: testKeyA}}, Rate: tc.rate})
+			br := benchRequests(1, func(int) http.Header { return tc.hdr })[0]
+			serve := func() {
+				br.reset()
+				if err := h.ServeHTTP(br.w, br.r, nopNext); err != nil {
+					t.Fatal(err)
+				}
+			}
+			serve() // the first request fills the cache
+			h.cache.c.Wait()
+			if got := testing.AllocsPerRun(1000, serve); got > tc.want {
+				t.Errorf("allocations per request = %v, want at most %v", got, tc.want)
+			}
+			if id, _ := br.repl.GetString("http.api_key.id"); id != "alpha" {
+				t.Errorf("http.api_key.id = %q after the last request", id)
+			}
+		})
+	}
+}

@@ -27,6 +27,13 @@ import (
 // runtime's sync.Map. Both are checked once at start-up (fastLogFields);
 // if either differs from what is expected here, every call takes Set.
 func setLogField(extra *caddyhttp.ExtraLogFields, field zapcore.Field) {
+	setLogFieldIn(extra, field, nil)
+}
+
+// setLogFieldIn is setLogField with room for the field that the caller
+// allocated along with something else (spare; nil for none). On a fresh
+// request the fields slice is then spare, not an allocation of its own.
+func setLogFieldIn(extra *caddyhttp.ExtraLogFields, field zapcore.Field, spare *[1]zapcore.Field) {
 	if fastLogFields {
 		e := (*extraLogFieldsLayout)(unsafe.Pointer(extra))
 		if (*atomic.Uint32)(unsafe.Add(unsafe.Pointer(&e.handlers), syncMapInitedOffset)).Load() == 0 {
@@ -35,6 +42,11 @@ func setLogField(extra *caddyhttp.ExtraLogFields, field zapcore.Field) {
 					e.fields[i] = field
 					return
 				}
+			}
+			if cap(e.fields) == 0 && spare != nil {
+				spare[0] = field
+				e.fields = spare[:]
+				return
 			}
 			e.fields = append(e.fields, field)
 			return

@@ -62,6 +62,22 @@ func TestSetLogFieldMatchesSet(t *testing.T) {
 			if g, w := extraFields(&got), extraFields(&want); !reflect.DeepEqual(g, w) {
 				t.Fatalf("fields = %v, want %v", g, w)
 			}
+			// With room made by the caller (setRateHeaders): the same
+			// fields, and the room used only on a fresh request.
+			var withSpare caddyhttp.ExtraLogFields
+			tc.before(&withSpare)
+			fresh := len(extraFields(&withSpare)) == 0 && !mapInited(&withSpare)
+			var spare [1]zapcore.Field
+			for _, f := range tc.set {
+				setLogFieldIn(&withSpare, f, &spare)
+			}
+			g := extraFields(&withSpare)
+			if w := extraFields(&want); !reflect.DeepEqual(g, w) {
+				t.Fatalf("with spare: fields = %v, want %v", g, w)
+			}
+			if usedSpare := &g[0] == &spare[0]; usedSpare != fresh {
+				t.Fatalf("spare used = %v, want %v (fresh request)", usedSpare, fresh)
+			}
 		})
 	}
 }
