@@ -120,6 +120,12 @@ func (kc *keyCache) put(digest *[32]byte, gen uint64, rec *keyRecord, now int64)
 // any more.
 func (kc *keyCache) purge() { kc.epoch.Add(1 << 32) }
 
+// Destruct closes the cache once no handler in cachePool uses it.
+func (kc *keyCache) Destruct() error {
+	kc.close()
+	return nil
+}
+
 // close stops the cache at once, and ristretto in the background once no
 // use of it is in flight.
 func (kc *keyCache) close() {

@@ -38,7 +38,7 @@ func TestProvisionCleanupNoLeak(t *testing.T) {
 	if err := os.WriteFile(keys, []byte(`{"keys": [{"id": "a", "hash": "`+hashOf(testKeyA)+`", "plan": "p"}]}`), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	pools := map[string]*caddy.UsagePool{"limiter": limiterPool, "keys file": keysFilePool, "quota": quotaPool, "redis": redisPool}
+	pools := map[string]*caddy.UsagePool{"limiter": limiterPool, "keys file": keysFilePool, "quota": quotaPool, "redis": redisPool, "cache": cachePool}
 	before := map[string]int{}
 	for name, p := range pools {
 		before[name] = poolLen(p)
@@ -92,7 +92,7 @@ func TestProvisionCleanupNoLeakRedis(t *testing.T) {
 	c := rdClient(t, r)
 	key := rdKey(t, "k")
 	rdPut(t, c, key, keyFileEntry{ID: "leak"})
-	pools := map[string]*caddy.UsagePool{"limiter": limiterPool, "keys file": keysFilePool, "quota": quotaPool, "redis": redisPool}
+	pools := map[string]*caddy.UsagePool{"limiter": limiterPool, "keys file": keysFilePool, "quota": quotaPool, "redis": redisPool, "cache": cachePool}
 	dir := t.TempDir()
 	// newHandler provisions a handler as a config load does. The timeout
 	// is generous: a command that timed out on a busy machine would make

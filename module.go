@@ -157,6 +157,7 @@ type Handler struct {
 	keysFile      *keysFile
 	keysFileKey   string
 	cache         *keyCache
+	cacheKey      string // its name in cachePool, if it is shared
 	limiter       *limiter
 	limiterLoaded bool
 	defaultLimit  ratelimit.Limit
@@ -379,11 +380,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if cc.Size < 1 || cc.Size > maxCacheSize || cc.TTL < 0 || cc.NegativeTTL < 0 {
 		return fmt.Errorf("cache: size must be from 1 to %d, ttl and negative_ttl positive", maxCacheSize)
 	}
-	cache, err := newKeyCache(cc.Size, time.Duration(cc.TTL), time.Duration(cc.NegativeTTL))
-	if err != nil {
+	if err := h.provisionCache(cc); err != nil {
 		return fmt.Errorf("creating key cache: %w", err)
 	}
-	h.cache = cache
 
 	realm := h.Realm
 	if realm == "" {
@@ -754,14 +753,50 @@ func checkRealm(realm string) error {
 	return nil
 }
 
+// provisionCache makes the handler's cache of key lookups. With keys in
+// Redis the cache comes from cachePool, shared with the handler of the
+// same configuration in the config before: on_store_error allow_cached
+// admits only cached keys while Redis is down, and a config reload that
+// started with an empty cache would refuse them all until Redis is back.
+// Only a handler configured exactly alike shares it, since the cache
+// holds this handler's own inline keys and the outcome of its plan
+// checks too.
+func (h *Handler) provisionCache(cc CacheConfig) error {
+	newCache := func() (*keyCache, error) {
+		return newKeyCache(cc.Size, time.Duration(cc.TTL), time.Duration(cc.NegativeTTL))
+	}
+	if !h.redisStore {
+		var err error
+		h.cache, err = newCache()
+		return err
+	}
+	conf, err := json.Marshal(h)
+	if err != nil {
+		return err
+	}
+	sum := sha256.Sum256(conf)
+	key := "api_key.cache " + h.redisKey + " " + hex.EncodeToString(sum[:])
+	val, _, err := cachePool.LoadOrNew(key, func() (caddy.Destructor, error) { return newCache() })
+	if err != nil {
+		return err
+	}
+	h.cache, h.cacheKey = val.(*keyCache), key
+	return nil
+}
+
 // Cleanup releases the shared keys file and limiter, and the cache. It
 // copes with a Provision that stopped half way.
 func (h *Handler) Cleanup() error {
 	removeLive(h)
-	if h.cache != nil {
+	var errs []error
+	switch {
+	case h.cacheKey != "":
+		if _, err := cachePool.Delete(h.cacheKey); err != nil {
+			errs = append(errs, err)
+		}
+	case h.cache != nil:
 		h.cache.close()
 	}
-	var errs []error
 	if h.keysFile != nil {
 		h.keysFile.removeCheck(h)
 	}
@@ -794,6 +829,7 @@ var (
 	keysFilePool = caddy.NewUsagePool()
 	quotaPool    = caddy.NewUsagePool()
 	redisPool    = caddy.NewUsagePool()
+	cachePool    = caddy.NewUsagePool()
 )
 
 func compileSource(s KeySource) (source, error) {

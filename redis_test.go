@@ -1051,6 +1051,60 @@ func TestRedisStoreDown(t *testing.T) {
 	}
 }
 
+// TestRedisStoreDownReload checks that a config reload while Redis is
+// down keeps the cache: with on_store_error allow_cached, a key cached
+// before the outage is still admitted by the new config's handler when
+// its configuration is unchanged, and a changed configuration starts with
+// an empty cache (it may hold other inline keys or plans).
+func TestRedisStoreDownReload(t *testing.T) {
+	rdFastWatch(t)
+	r := StartTestRedis(t)
+	c := rdClient(t, r)
+	cached := rdKey(t, "cached")
+	rdPut(t, c, cached, keyFileEntry{ID: "cached"})
+	quotaFile := filepath.Join(t.TempDir(), "quotas.db")
+	config := func(name string) *Handler {
+		return &Handler{Store: "redis", OnStoreError: storeErrorAllowCached, Name: name,
+			Redis: &RedisConfig{Addresses: []string{r.Addr}}, QuotaFile: quotaFile}
+	}
+	// The old config's handler, cleaned up by hand as a reload does.
+	old := config("site")
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	defer cancel()
+	if err := old.Provision(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rdWait(t, 5*time.Second, "the backend subscribes to the change channel", func() string {
+		if old.redis.subscribed.Load() && old.redis.gen.Load() > redisGenBase {
+			return ""
+		}
+		return "not subscribed yet"
+	})
+	okCached := rdWant{status: http.StatusOK, outcome: outcomeOK, id: "cached"}
+	rdCheck(t, "cached key, Redis up", rdServe(old, cached), okCached)
+	old.cache.c.Wait()
+
+	r.Stop()
+	rdWait(t, 5*time.Second, "the watcher marks Redis down", func() string {
+		if old.redis.down.Load() {
+			return ""
+		}
+		return "not marked down yet"
+	})
+	// The reload: the new config is provisioned, then the old cleaned up.
+	same, changed := newTestHandler(t, config("site")), newTestHandler(t, config("other"))
+	if err := old.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	if same.cache != old.cache || changed.cache == old.cache {
+		t.Fatal("the cache is shared with the wrong handler")
+	}
+	degraded := rdWant{status: http.StatusOK, outcome: outcomeOK, id: "cached", degraded: degradedCachedKey}
+	rdCheck(t, "cached key after a reload, same config", rdTimed(t, same, cached), degraded)
+	rdCheck(t, "cached key after a reload, changed config", rdTimed(t, changed, cached),
+		rdWant{status: http.StatusUnauthorized, outcome: outcomeStoreUnavailable, retry: "1"})
+}
+
 // TestRedisStoreDownOnlyCachedKeys checks on_store_error deny when every
 // request carries a cached key, so that no lookup fails: the backend must
 // notice by itself that Redis is gone (its subscription is lost, and its
