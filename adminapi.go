@@ -86,7 +86,7 @@ func liveHandlers() []*Handler {
 // reloads: by outcome, and when it was last used.
 type keyUsage struct {
 	counts   [len(usageOutcomes)]atomic.Int64
-	lastSeen atomic.Int64 // unix seconds
+	lastSeen atomic.Int64 // monoNow reading; made wall-clock time when shown (see wallTime)
 }
 
 // usageOutcomes are the outcomes counted per key (those of known keys).
@@ -137,7 +137,7 @@ func countUsage(rec *keyRecord, outcome string, now int64) {
 	}
 	u := usageOf(rec)
 	u.counts[i].Add(1)
-	u.lastSeen.Store(monoUnix(now))
+	u.lastSeen.Store(now)
 }
 
 // adminKey is a key as the admin API shows it: never its hash.
@@ -282,8 +282,8 @@ func (h *Handler) usageOfKey(ctx context.Context, rec *keyRecord) adminUsage {
 			au.Requests[o] = n
 		}
 	}
-	if ts := u.lastSeen.Load(); ts != 0 {
-		au.LastSeen = time.Unix(ts, 0).UTC().Format(time.RFC3339)
+	if mono := u.lastSeen.Load(); mono != 0 {
+		au.LastSeen = wallTime(mono).UTC().Truncate(time.Second).Format(time.RFC3339)
 	}
 	var pl *plan
 	if rec.plan != "" {

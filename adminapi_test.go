@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 )
@@ -151,6 +152,9 @@ func TestAdminAPI(t *testing.T) {
 		if acme.Requests["ok"] < 2 || acme.LastSeen == "" || acme.Quota == nil || acme.Quota.Limit != "100/day" ||
 			acme.Quota.Used < 2 || acme.Quota.Used+acme.Quota.Remaining != 100 || acme.Quota.Counters != "local" {
 			t.Errorf("acme usage = %+v (quota %+v)", acme, acme.Quota)
+		}
+		if seen, err := time.Parse(time.RFC3339, acme.LastSeen); err != nil || time.Since(seen) > time.Minute || time.Until(seen) > time.Second {
+			t.Errorf("acme last_seen = %q (%v), want about now", acme.LastSeen, err)
 		}
 		ans = nil
 		adminCall(t, "GET", admin+"/usage?id=gone", &ans)

@@ -2,6 +2,7 @@ package apikey
 
 import (
 	"encoding/binary"
+	"math"
 	"sync/atomic"
 	"time"
 
@@ -23,8 +24,9 @@ import (
 //     entry, and the caller then reads the key set again.
 //   - Entries expire by the time the request read (monoNow), which the
 //     caller hands in: ristretto's own TTL would read the clock again on
-//     every Get. Ristretto keeps an expired entry until it evicts it or a
-//     put replaces it; get treats it as a miss.
+//     every Get. Ristretto keeps an expired entry (and the record it
+//     points to) until it evicts it or a put replaces it; get treats it as
+//     a miss. Memory stays bounded by size all the same.
 //   - Each entry costs 1 against MaxCost (internal cost ignored), so size
 //     is the number of entries it keeps.
 //   - After close it answers nothing and keeps nothing. On a config reload
@@ -113,7 +115,11 @@ func (kc *keyCache) put(digest *[32]byte, gen uint64, rec *keyRecord, now int64)
 	if ttl <= 0 {
 		return
 	}
-	kc.c.Set(binary.LittleEndian.Uint64(digest[:8]), &cacheEntry{digest: *digest, gen: gen + kc.epoch.Load(), expires: now + int64(ttl), rec: rec}, 1)
+	expires := now + int64(ttl)
+	if expires < now {
+		expires = math.MaxInt64 // a ttl of centuries
+	}
+	kc.c.Set(binary.LittleEndian.Uint64(digest[:8]), &cacheEntry{digest: *digest, gen: gen + kc.epoch.Load(), expires: expires, rec: rec}, 1)
 }
 
 // purge makes every entry a miss: entries of the epoch before do not match

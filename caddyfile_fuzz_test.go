@@ -83,20 +83,13 @@ func FuzzUnmarshalCaddyfile(f *testing.F) {
 	})
 }
 
-// expandsPlaceholder reports whether Caddy's replacer, at provision,
-// finds an {env.*} or {file.*} placeholder in s.
+// expandsPlaceholder reports whether Caddy's global replacer, as Provision
+// uses it, changes s: an independent check of the parser's
+// holdsPlaceholder, which asks a replacer of its own. An {env.*} or
+// {file.*} placeholder changes s even when the variable or the file does
+// not exist (it becomes empty).
 func expandsPlaceholder(s string) bool {
-	found := false
-	repl := caddy.NewEmptyReplacer()
-	repl.Map(func(name string) (any, bool) {
-		if strings.HasPrefix(name, "env.") || strings.HasPrefix(name, "file.") {
-			found = true
-			return "", true
-		}
-		return nil, false
-	})
-	repl.ReplaceKnown(s, "")
-	return found
+	return caddy.NewReplacer().ReplaceKnown(s, "") != s
 }
 
 // errLocation is the end of a dispenser's error: ", at <file>:<line>".

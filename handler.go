@@ -90,7 +90,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	digest := sha256.Sum256(unsafe.Slice(unsafe.StringData(key), len(key)))
 	now := monoNow()
-	rec, err := h.find(r, &digest, now)
+	rec, err := h.find(r, &digest, &now)
 	if err != nil {
 		return h.storeUnavailable(w, r, repl)
 	}
@@ -378,7 +378,7 @@ func handlerError(status int, err error) error {
 	return caddyhttp.Error(status, caddyhttp.HandlerError{StatusCode: status, Err: err, Trace: handlerTrace})
 }
 
-const handlerTrace = "apikey.(*Handler).ServeHTTP (handler.go)"
+const handlerTrace = "caddy-apikey.(*Handler).ServeHTTP (handler.go)"
 
 // setChallenge sets WWW-Authenticate. Header.Set would make the canonical
 // form of the name ("Www-Authenticate") anew on every call.
@@ -400,8 +400,9 @@ func quotaName(rec *keyRecord) string {
 
 // find returns the record of the key with this digest, or nil. It asks the
 // cache first and remembers what the key set (or Redis) answered; an error
-// is a lookup in Redis that failed, which is not remembered.
-func (h *Handler) find(r *http.Request, digest *[32]byte, now int64) (*keyRecord, error) {
+// is a lookup in Redis that failed, which is not remembered. *now is the
+// request's monoNow reading; a lookup in Redis reads the clock again.
+func (h *Handler) find(r *http.Request, digest *[32]byte, now *int64) (*keyRecord, error) {
 	var set *keySet
 	var gen uint64
 	switch {
@@ -411,7 +412,7 @@ func (h *Handler) find(r *http.Request, digest *[32]byte, now int64) (*keyRecord
 	case h.redisStore:
 		gen = h.redis.gen.Load()
 	}
-	if rec, ok := h.cache.get(digest, gen, now); ok {
+	if rec, ok := h.cache.get(digest, gen, *now); ok {
 		apiKeyMetrics.cacheHits.Inc()
 		return rec, nil
 	}
@@ -426,7 +427,11 @@ func (h *Handler) find(r *http.Request, digest *[32]byte, now int64) (*keyRecord
 	}
 	if rec == nil && h.redisStore {
 		var err error
-		if rec, err = h.redis.lookup(r.Context(), digest); err != nil {
+		rec, err = h.redis.lookup(r.Context(), digest)
+		// The lookup may have taken up to Redis's timeout: the limits
+		// and the cache go by the time after it.
+		*now = monoNow()
+		if err != nil {
 			var bad badRecordError
 			if !errors.As(err, &bad) {
 				return nil, err
@@ -441,7 +446,7 @@ func (h *Handler) find(r *http.Request, digest *[32]byte, now int64) (*keyRecord
 			rec = nil
 		}
 	}
-	h.cache.put(digest, gen, rec, now)
+	h.cache.put(digest, gen, rec, *now)
 	return rec, nil
 }
 

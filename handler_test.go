@@ -511,7 +511,7 @@ func TestCacheGeneration(t *testing.T) {
 	h := newTestHandler(t, &Handler{KeysFile: path})
 	find := func(key string) *keyRecord {
 		d := sha256.Sum256([]byte(key))
-		rec, err := h.find(httptest.NewRequest("GET", "/", nil), &d, monoNow())
+		rec, err := h.find(httptest.NewRequest("GET", "/", nil), &d, new(monoNow()))
 		if err != nil {
 			t.Fatalf("find: %v", err)
 		}

@@ -64,8 +64,10 @@ var processStart = time.Now()
 // costs 40-70 ns on some virtual machines, as much as a limiter decision.
 func monoNow() int64 { return int64(time.Since(processStart)) }
 
-// monoUnix converts a monoNow reading to Unix seconds.
-func monoUnix(mono int64) int64 { return processStart.Add(time.Duration(mono)).Unix() }
+// wallTime converts a monoNow reading to wall-clock time, counting back
+// from now: right even if the wall clock was set after the process
+// started.
+func wallTime(mono int64) time.Time { return time.Now().Add(-time.Duration(monoNow() - mono)) }
 
 // newLimiter returns a limiter that reads clock, or, when clock is nil,
 // goes by the time each request read (monoNow).

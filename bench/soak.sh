@@ -53,7 +53,7 @@ while [ $# -gt 0 ]; do
 	esac
 	shift
 done
-for c in wrk curl; do
+for c in wrk curl pgrep timeout; do
 	command -v $c >/dev/null || { echo "$c not found (apt-get install -y $c)" >&2; exit 1; }
 done
 have_redis=0
@@ -74,15 +74,27 @@ killtree() {
 	for c in $(pgrep -P "$1" 2>/dev/null); do killtree "$c"; done
 	kill "$1" 2>/dev/null || true
 }
+# killtree_hard pid: killtree, then SIGKILL for what is still there after 5 s.
+killtree_hard() {
+	local pids=("$1") c
+	for c in $(pgrep -P "$1" 2>/dev/null); do pids+=("$c"); done
+	killtree "$1"
+	for _ in $(seq 50); do kill -0 "${pids[@]}" 2>/dev/null || return 0; sleep 0.1; done
+	kill -9 "${pids[@]}" 2>/dev/null || true
+}
 # cleanup kills the background jobs still running (so no process ID
 # that may have been reused) and what they started.
 cleanup() {
 	touch "$work/stop" "$work/done"
-	for p in $(jobs -p); do killtree "$p"; done
+	for p in $(jobs -p); do killtree_hard "$p"; done
 	wait 2>/dev/null || true
 	[ -n "${KEEP:-}" ] && echo "kept $work" >&2 || rm -rf "$work"
 }
 trap cleanup EXIT
+# A signal (CI's timeout, Ctrl-C) exits through the EXIT trap, so that
+# nothing started here is left running.
+trap 'exit 130' INT
+trap 'exit 143' TERM
 t0=$SECONDS
 say() { printf '[%3ds] %s\n' $((SECONDS - t0)) "$*" >&2; }
 failures=()
@@ -93,7 +105,8 @@ go build -o "$work/caddy" ./cmd/caddy
 go build -o "$work/soakcheck" ./bench/soakcheck
 export XDG_DATA_HOME=$work/data XDG_CONFIG_HOME=$work/config
 mkdir -p "$XDG_DATA_HOME" "$XDG_CONFIG_HOME" "$work/redis"
-read -r admin port rport redis_port <<<"$("$work/soakcheck" ports 4)"
+ports=$("$work/soakcheck" ports 4)
+read -r admin port rport redis_port <<<"$ports"
 
 # Keys: churn key i is in versions i-window+1 to i of the keys file, so
 # each rewrite adds one and removes one.
@@ -160,7 +173,7 @@ nsites=$((1 + have_redis))
 
 "$work/caddy" run --config "$work/Caddyfile.a" --adapter caddyfile >"$work/caddy.log" 2>&1 &
 caddy_pid=$!
-status() { curl -s -o /dev/null -w '%{http_code}' ${2:+-H "X-API-Key: $2"} "$1" 2>/dev/null || true; }
+status() { curl -s -m 5 -o /dev/null -w '%{http_code}' ${2:+-H "X-API-Key: $2"} "$1" 2>/dev/null || true; }
 for _ in $(seq 300); do [ "$(status "http://127.0.0.1:$port/ready")" = 401 ] && break; sleep 0.1; done
 [ "$(status "http://127.0.0.1:$port/ready")" = 401 ] || { cat "$work/caddy.log" >&2; echo "caddy did not start" >&2; exit 1; }
 say "caddy ready (pid $caddy_pid, admin 127.0.0.1:$admin, site :$port$([ $have_redis = 1 ] && echo ", Redis site :$rport"))"
@@ -252,10 +265,10 @@ check_wrk() { # out what
 	f=$(awk '/wrk 5xx/ {print $3}' "$1")
 	[ "$f" = 0 ] || bad "$2: wrk counted ${f:-no} 5xx answers (see $1)"
 }
-metric() { curl -s "http://127.0.0.1:$admin/metrics" | awk -v m="$1" '$1 == m {print $2; exit}'; }
+metric() { curl -s -m 5 "http://127.0.0.1:$admin/metrics" | awk -v m="$1" '$1 == m {print $2; exit}'; }
 goroutines() { metric go_goroutines; }
 rss_kb() { awk '/VmRSS/ {print $2}' /proc/"$caddy_pid"/status; }
-handlers() { curl -s "http://127.0.0.1:$admin/api_key/usage" | grep -o '"handler"' | wc -l; }
+handlers() { curl -s -m 5 "http://127.0.0.1:$admin/api_key/usage" | grep -o '"handler"' | wc -l; }
 
 # sampler: every 0.5 s, the time, Caddy's CPU ticks and the load
 # average, so that a stall of the whole machine (a gap between samples:
@@ -305,7 +318,7 @@ reload_loop() {
 		rm -f "$work/paused"
 		n=$((n + 1)) v=a
 		[ $((n % 2)) = 1 ] && v=b
-		if "$work/caddy" reload --config "$work/Caddyfile.$v" --adapter caddyfile --address "127.0.0.1:$admin" --force >>"$work/reload-output.log" 2>&1; then
+		if timeout 15 "$work/caddy" reload --config "$work/Caddyfile.$v" --adapter caddyfile --address "127.0.0.1:$admin" --force >>"$work/reload-output.log" 2>&1; then
 			echo "$EPOCHREALTIME ok $v" >>"$work/reloads.log"
 		else
 			echo "$EPOCHREALTIME failed $v" >>"$work/reloads.log"
@@ -359,7 +372,7 @@ check_wrk "$work/wrk-chaos.txt" "chaos"
 c=$(status "http://127.0.0.1:$port/p" "$probe")
 [ "$c" = 429 ] || bad "probe key answered $c after $reloads_ok reloads, want 429 (limiter state reset by a reload?)"
 say "probe key after $reloads_ok reloads: $c (and $(awk '{print $2}' "$work/probes.log" | sort | uniq -c | awk '{printf "%s×%s ", $1, $2}')during the chaos)"
-reload_errors=$(curl -s "http://127.0.0.1:$admin/metrics" | awk '/^caddy_api_key_keys_file_reload_errors_total/ {s += $2} END {print s + 0}')
+reload_errors=$(curl -s -m 5 "http://127.0.0.1:$admin/metrics" | awk '/^caddy_api_key_keys_file_reload_errors_total/ {s += $2} END {print s + 0}')
 [ "$reload_errors" = 0 ] || bad "$reload_errors versions of the keys file failed to load (they are written atomically)"
 h=$(handlers)
 [ "$h" = $nsites ] || bad "the admin API lists $h api_key handlers after $reloads_ok reloads, want $nsites"
