@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"sync"
 	"testing"
@@ -279,6 +280,43 @@ func BenchmarkLoadKeysFile1M(b *testing.B) {
 		b.StartTimer()
 	}
 	b.ReportMetric(perKey, "B/key")
+}
+
+// benchKeys1MPlus is benchKeys1M with one key more, as a reload finds it.
+var benchKeys1MPlus = sync.OnceValue(func() []byte {
+	data := benchKeys1M()
+	end := bytes.LastIndex(data, []byte("\n]}")) // after the last entry
+	sum := sha256.Sum256([]byte("bench-extra"))
+	extra := `,
+{"id": "extra", "hash": "sha256:` + hex.EncodeToString(sum[:]) + `"}`
+	return slices.Concat(data[:end], []byte(extra), data[end:])
+})
+
+// BenchmarkReloadKeysFile1M is what a reload of the 1M keys file costs
+// when one key was added: the new version read over the set in use
+// (reparseKeysFile, which keeps the records of unchanged keys and counts
+// the keys added and removed). B/op is the garbage it leaves, less the new
+// set's map and records.
+func BenchmarkReloadKeysFile1M(b *testing.B) {
+	data, plus := benchKeys1M(), benchKeys1MPlus()
+	b.ReportAllocs()
+	b.SetBytes(int64(len(plus)))
+	for b.Loop() {
+		b.StopTimer()
+		old, err := parseKeysFile(data)
+		if err != nil {
+			b.Fatal(err)
+		}
+		runtime.GC()
+		b.StartTimer()
+		set, added, removed, err := reparseKeysFile(plus, old)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if len(set.byDigest) != 1_000_001 || added != 1 || removed != 0 {
+			b.Fatalf("reloaded %d keys, %d added, %d removed; want 1000001, 1, 0", len(set.byDigest), added, removed)
+		}
+	}
 }
 
 // BenchmarkServeHTTPKeysFile is the hot path with a keys file of 1,000

@@ -8,14 +8,17 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"os"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
@@ -29,20 +32,43 @@ import (
 // SHA-256 digest, never the key. Everything the request path needs per key
 // (the boxed id, the placeholder provider) is made once when the record is
 // loaded, so a request for a known key allocates nothing for it.
+//
+// A server may hold millions of records, so a record holds only what every
+// key has, and its rate settings (which records made by hand, in tests, set
+// directly); what few keys set (a name, a plan, restrictions...) is in its
+// keyRare, whose fields read as the record's own. Keys that set none of it
+// share one keyRare, and keys that differ only in plan, quota or disabled
+// share one per combination, so a keyRare is never written once made. Nor
+// is a record (but for usage): successive versions of a keys file share the
+// records of the keys that did not change (reparseKeysFile).
 type keyRecord struct {
-	id       string
-	name     string
-	owner    string
-	digest   [32]byte
-	metadata map[string]string
+	id     string
+	digest [32]byte
 
 	// limitMode says where the key's rate limit comes from; limit and
 	// policy are set when it is limitOwn, burst when the key overrides
 	// only the burst of the handler's rate.
-	limitMode limitMode
 	limit     ratelimit.Limit
 	policy    policy
 	burst     int64
+	limitMode limitMode
+
+	*keyRare
+
+	// usage counts the key's requests for the admin API, found on first
+	// use (usageOf).
+	usage atomic.Pointer[keyUsage]
+
+	// idAny is the id, boxed once: the value of the vars entry and of
+	// the id placeholders; provider answers the key's placeholders.
+	idAny    any
+	provider caddy.ReplacerFunc
+}
+
+// keyRare is the part of a keyRecord that most keys leave unset.
+type keyRare struct {
+	name, owner string
+	metadata    map[string]string
 
 	// plan names the key's plan ("" for none); quotaMode and quota, and
 	// restr, are the key's own settings, which replace the plan's.
@@ -56,15 +82,9 @@ type keyRecord struct {
 	expires   int64
 	disabled  bool
 
-	// The values of the key's placeholders, boxed once, and provider,
-	// which answers them; idAny is also the value of the vars entry.
-	// usage counts the key's requests for the admin API, found on first
-	// use (usageOf).
-	usage atomic.Pointer[keyUsage]
-
-	idAny, nameAny, ownerAny, planAny any
-	metadataAny                       map[string]any
-	provider                          caddy.ReplacerFunc
+	// The values of the placeholders, boxed once.
+	nameAny, ownerAny, planAny any
+	metadataAny                map[string]any
 }
 
 type limitMode uint8
@@ -75,19 +95,65 @@ const (
 	limitOff                      // exempt from any rate
 )
 
+// newKeyRare returns r with its placeholder values made.
+func newKeyRare(r *keyRare) *keyRare {
+	r.nameAny, r.ownerAny, r.planAny = r.name, r.owner, r.plan
+	if len(r.metadata) > 0 {
+		r.metadataAny = make(map[string]any, len(r.metadata))
+		for k, v := range r.metadata {
+			r.metadataAny[k] = v
+		}
+	}
+	return r
+}
+
+// noRare is the keyRare of every key that sets none of its fields.
+var noRare = newKeyRare(&keyRare{})
+
 // newKeyRecord finishes a record whose fields are set: it makes what the
 // request path needs for it.
 func newKeyRecord(rec *keyRecord) *keyRecord {
-	rec.idAny, rec.nameAny, rec.ownerAny, rec.planAny = rec.id, rec.name, rec.owner, rec.plan
-	if len(rec.metadata) > 0 {
-		rec.metadataAny = make(map[string]any, len(rec.metadata))
-		for k, v := range rec.metadata {
-			rec.metadataAny[k] = v
-		}
+	if rec.keyRare == nil {
+		rec.keyRare = noRare
 	}
+	rec.idAny = boxString(&rec.id)
 	rec.provider = rec.replace
 	return rec
 }
+
+// boxString returns *p as an any without copying it: the interface's data
+// word points at *p, which must not change afterwards. Converting a string
+// to an any copies its header into a new 16-byte object; every record keeps
+// its id boxed, and with a million keys those copies would be a million
+// objects and 5 % of the set's memory.
+//
+// This relies on the runtime's layout of an interface, checked once at
+// start-up (boxInPlace); if it ever differs, boxString copies as usual.
+func boxString(p *string) any {
+	if !boxInPlace {
+		return *p
+	}
+	var v any = "" // string's type word; "" is boxed without allocating
+	(*eface)(unsafe.Pointer(&v)).data = unsafe.Pointer(p)
+	return v
+}
+
+// eface mirrors the runtime's layout of an interface without methods.
+type eface struct {
+	typ, data unsafe.Pointer
+}
+
+// boxInPlace reports whether an any is laid out as eface, holding a
+// string as a pointer to it.
+var boxInPlace = func() bool {
+	if unsafe.Sizeof(any(nil)) != unsafe.Sizeof(eface{}) {
+		return false
+	}
+	s := "probe"
+	var v, empty any = s, ""
+	e := (*eface)(unsafe.Pointer(&v))
+	return e.typ == (*eface)(unsafe.Pointer(&empty)).typ && e.data != nil && *(*string)(e.data) == s
+}()
 
 // replace answers the placeholders of a request made with this key.
 func (rec *keyRecord) replace(key string) (any, bool) {
@@ -154,10 +220,38 @@ type keyFileEntry struct {
 	Restrictions
 }
 
-// parseKeysFile reads a keys file: {"keys": [entry, ...]}. It streams the
-// entries so that a large file is not held twice, and it names the entry and
-// the problem in any error (never a key: files hold only hashes).
+// parseKeysFile reads a keys file: {"keys": [entry, ...]}. It names the
+// entry and the problem in any error (never a key: files hold only hashes).
+//
+// A file of a million keys is common, so scanKeysFile reads it first, fast;
+// decodeKeysFile, with encoding/json, reads what scanKeysFile does not take,
+// and finds the error of a file that has one. The two make the same
+// records of a file that both read.
 func parseKeysFile(data []byte) (*keySet, error) {
+	set, _, _, err := reparseKeysFile(data, nil)
+	return set, err
+}
+
+// reparseKeysFile is parseKeysFile for a new version of a file whose
+// previous version made old (nil for none). The records of the keys that
+// did not change are old's, and it counts the keys added and removed.
+func reparseKeysFile(data []byte, old *keySet) (set *keySet, added, removed int, err error) {
+	a := &recordAlloc{old: old}
+	if set = scanKeysFile(data, a); set == nil {
+		a = &recordAlloc{old: old}
+		if set, err = decodeKeysFile(data, a); err != nil {
+			return nil, 0, 0, err
+		}
+	}
+	if old != nil {
+		added, removed = len(set.byDigest)-a.kept, len(old.byDigest)-a.kept
+	}
+	return set, added, removed, nil
+}
+
+// decodeKeysFile is parseKeysFile with encoding/json, making its records
+// with a. It streams the entries so that a large file is not held twice.
+func decodeKeysFile(data []byte, a *recordAlloc) (*keySet, error) {
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
 	syntaxErr := func(err error) error {
@@ -220,7 +314,7 @@ func parseKeysFile(data []byte) (*keySet, error) {
 			if err := dec.Decode(&e); err != nil {
 				return nil, fmt.Errorf("keys[%d]%s: %w", i, idLabel(e.ID), syntaxErr(err))
 			}
-			rec, err := e.record()
+			rec, err := e.build(a)
 			if err != nil {
 				return nil, fmt.Errorf("keys[%d]%s: %w", i, idLabel(e.ID), err)
 			}
@@ -300,6 +394,42 @@ func lineCol(data []byte, offset int64) (line, col int) {
 
 // record checks one entry and turns it into a keyRecord.
 func (e keyFileEntry) record() (*keyRecord, error) {
+	return e.build(nil)
+}
+
+// recordAlloc is what the records of one keys file share: the keyRare of
+// the keys that set nothing but a plan, a quota or disabled, each rate read
+// once, plan names, and the records of the file's previous version. The
+// zero value is ready; a nil one shares nothing.
+type recordAlloc struct {
+	rares map[rareKey]*keyRare
+	rates map[string]rateSetting
+	strs  map[string]string // interned plan names
+
+	// old is the set of the file's previous version, if any: a record
+	// that did not change is taken from there. kept counts the digests
+	// found in it.
+	old  *keySet
+	kept int
+}
+
+// rareKey is the content of a keyRare that keys may share.
+type rareKey struct {
+	plan      string
+	quotaMode limitMode
+	quota     quota.Quota
+	disabled  bool
+}
+
+type rateSetting struct {
+	lim ratelimit.Limit
+	pol policy
+}
+
+// build checks one entry and turns it into a keyRecord. The record keeps
+// e's strings but Hash, Rate, Quota, NotBefore and Expires, which it only
+// reads: those may be views of a buffer that changes later.
+func (e *keyFileEntry) build(a *recordAlloc) (*keyRecord, error) {
 	if err := checkID(e.ID); err != nil {
 		return nil, err
 	}
@@ -310,35 +440,39 @@ func (e keyFileEntry) record() (*keyRecord, error) {
 	if err != nil {
 		return nil, err
 	}
-	rec := &keyRecord{id: e.ID, name: e.Name, owner: e.Owner, digest: digest, disabled: e.Disabled}
+	// The record is made last, when it is known that no record of the
+	// previous version of the file will do.
+	rec := keyRecord{id: e.ID, digest: digest}
 	if e.Plan != "" {
 		if err := checkPlanName(e.Plan); err != nil {
 			return nil, fmt.Errorf(`"plan": %w`, err)
 		}
-		rec.plan = e.Plan
 	}
-	if rec.notBefore, err = parseTime("not_before", e.NotBefore); err != nil {
+	notBefore, err := parseTime("not_before", e.NotBefore)
+	if err != nil {
 		return nil, err
 	}
-	if rec.expires, err = parseTime("expires", e.Expires); err != nil {
+	expires, err := parseTime("expires", e.Expires)
+	if err != nil {
 		return nil, err
 	}
-	if rec.notBefore != 0 && rec.expires != 0 && rec.expires <= rec.notBefore {
+	if notBefore != 0 && expires != 0 && expires <= notBefore {
 		return nil, errors.New(`"expires" is not after "not_before"`)
 	}
-	if rec.quotaMode, rec.quota, err = parseQuotaSetting(e.Quota); err != nil {
+	quotaMode, q, err := parseQuotaSetting(e.Quota)
+	if err != nil {
 		return nil, fmt.Errorf(`"quota": %w`, err)
 	}
-	if rec.restr, err = compileRestrictions(e.Restrictions); err != nil {
-		return nil, err
+	var restr restrictions
+	if r := &e.Restrictions; r.AllowIPs != nil || r.AllowReferrers != nil || r.AllowMethods != nil || r.AllowPaths != nil {
+		if restr, err = compileRestrictions(e.Restrictions); err != nil {
+			return nil, err
+		}
 	}
 	for k := range e.Metadata {
 		if !validMetadataName(k) {
 			return nil, fmt.Errorf("metadata field %q: use letters, digits, '_', '-' and '.' only", k)
 		}
-	}
-	if len(e.Metadata) > 0 {
-		rec.metadata = e.Metadata
 	}
 	if e.Burst != nil {
 		if e.Rate == "off" {
@@ -356,18 +490,109 @@ func (e keyFileEntry) record() (*keyRecord, error) {
 	case "off":
 		rec.limitMode = limitOff
 	default:
-		lim, err := ratelimit.ParseRate(e.Rate)
+		rs, err := a.rate(e.Rate)
 		if err != nil {
 			return nil, fmt.Errorf(`"rate": %w`, err)
 		}
 		if e.Burst != nil {
-			lim.Burst = *e.Burst
+			rs.lim.Burst = *e.Burst
 		}
 		rec.limitMode = limitOwn
-		rec.limit = lim
-		rec.policy = policyValue("key", lim)
+		rec.limit = rs.lim
+		rec.policy = rs.pol
 	}
-	return newKeyRecord(rec), nil
+	shared := rareKey{plan: e.Plan, quotaMode: quotaMode, quota: q, disabled: e.Disabled}
+	if e.Name == "" && e.Owner == "" && len(e.Metadata) == 0 && restr.isZero() && notBefore == 0 && expires == 0 {
+		rec.keyRare = a.rare(shared)
+	} else {
+		r := &keyRare{
+			name: e.Name, owner: e.Owner, plan: e.Plan, quotaMode: quotaMode, quota: q, restr: restr,
+			notBefore: notBefore, expires: expires, disabled: e.Disabled,
+		}
+		if len(e.Metadata) > 0 {
+			r.metadata = e.Metadata
+		}
+		rec.keyRare = newKeyRare(r)
+	}
+	if old := a.previous(&rec); old != nil {
+		return old, nil
+	}
+	return newKeyRecord(&keyRecord{
+		id: rec.id, digest: rec.digest, limit: rec.limit, policy: rec.policy, burst: rec.burst,
+		limitMode: rec.limitMode, keyRare: rec.keyRare,
+	}), nil
+}
+
+// previous returns the record of the previous version of the file with
+// rec's digest if it is the same as rec, and counts the digests found
+// there. Reusing the record leaves a reload of a large file little
+// garbage, and the key's usage counts where they were.
+func (a *recordAlloc) previous(rec *keyRecord) *keyRecord {
+	if a == nil || a.old == nil {
+		return nil
+	}
+	old := a.old.byDigest[rec.digest]
+	if old == nil {
+		return nil
+	}
+	a.kept++
+	if old.id != rec.id || old.limitMode != rec.limitMode || old.limit != rec.limit || old.policy != rec.policy ||
+		old.burst != rec.burst || !old.keyRare.equal(rec.keyRare) {
+		return nil
+	}
+	return old
+}
+
+// equal reports whether r and o hold the same settings.
+func (r *keyRare) equal(o *keyRare) bool {
+	if r == o {
+		return true
+	}
+	return r.name == o.name && r.owner == o.owner && r.plan == o.plan && r.quotaMode == o.quotaMode &&
+		r.quota == o.quota && r.notBefore == o.notBefore && r.expires == o.expires && r.disabled == o.disabled &&
+		maps.Equal(r.metadata, o.metadata) && slices.Equal(r.restr.ips, o.restr.ips) &&
+		slices.Equal(r.restr.referrers, o.restr.referrers) && slices.Equal(r.restr.methods, o.restr.methods) &&
+		slices.Equal(r.restr.paths, o.restr.paths)
+}
+
+// rate reads a rate setting, once per file.
+func (a *recordAlloc) rate(s string) (rateSetting, error) {
+	if a != nil {
+		if rs, ok := a.rates[s]; ok {
+			return rs, nil
+		}
+	}
+	lim, err := ratelimit.ParseRate(s)
+	if err != nil {
+		return rateSetting{}, err
+	}
+	rs := rateSetting{lim: lim, pol: policyValue("key", lim)}
+	if a != nil {
+		if a.rates == nil {
+			a.rates = make(map[string]rateSetting)
+		}
+		a.rates[strings.Clone(s)] = rs
+	}
+	return rs, nil
+}
+
+// rare returns the keyRare of a key that sets no more than k: noRare, or
+// one shared with the file's other keys that set the same.
+func (a *recordAlloc) rare(k rareKey) *keyRare {
+	if k == (rareKey{}) {
+		return noRare
+	}
+	if a != nil && a.rares[k] != nil {
+		return a.rares[k]
+	}
+	r := newKeyRare(&keyRare{plan: k.plan, quotaMode: k.quotaMode, quota: k.quota, disabled: k.disabled})
+	if a != nil {
+		if a.rares == nil {
+			a.rares = make(map[rareKey]*keyRare)
+		}
+		a.rares[k] = r
+	}
+	return r
 }
 
 // parseTime reads an RFC 3339 time of a keys-file field; 0 when unset.
@@ -438,11 +663,29 @@ func parseDigest(s string) ([32]byte, error) {
 	if len(hexPart) != 64 {
 		return d, fmt.Errorf(`"hash" must be "sha256:" and 64 hex digits, not %d characters`, len(hexPart))
 	}
-	if _, err := hex.Decode(d[:], []byte(hexPart)); err != nil {
-		return d, errors.New(`"hash" has a character that is not a hex digit`)
+	for i := range d {
+		hi, lo := unhex[hexPart[2*i]], unhex[hexPart[2*i+1]]
+		if hi|lo > 0xf {
+			return [32]byte{}, errors.New(`"hash" has a character that is not a hex digit`)
+		}
+		d[i] = hi<<4 | lo
 	}
 	return d, nil
 }
+
+// unhex is the value of each hex digit, 0xff for other bytes.
+var unhex = func() (t [256]byte) {
+	for i := range t {
+		t[i] = 0xff
+	}
+	for i, c := range "0123456789abcdef" {
+		t[c] = byte(i)
+	}
+	for i, c := range "ABCDEF" {
+		t[c] = byte(10 + i)
+	}
+	return t
+}()
 
 // hasDigestPrefix reports whether s starts with "sha256:", in any case.
 func hasDigestPrefix(s string) bool {
@@ -626,16 +869,16 @@ func (kf *keysFile) check() error {
 		kf.err = nil
 		return nil
 	}
-	set, err := parseKeysFile(data)
+	// kf.set changes only here, under mu.
+	set, added, removed, err := reparseKeysFile(data, kf.set.Load())
 	if err != nil {
 		apiKeyMetrics.reloadErrors.WithLabelValues(kf.path).Inc()
 		kf.err = fmt.Errorf("loading keys file %s: %w", kf.path, err)
 		return kf.err
 	}
 	kf.err, kf.usedSum = nil, sum
-	old := kf.set.Swap(set)
+	kf.set.Store(set)
 	apiKeyMetrics.keysLoaded.WithLabelValues(kf.path).Set(float64(len(set.byDigest)))
-	added, removed := diffSets(old, set)
 	if c := kf.logger.Load().Check(zapcore.InfoLevel, "keys file reloaded"); c != nil {
 		c.Write(zap.String("file", kf.path), zap.Int("keys", len(set.byDigest)),
 			zap.Int("added", added), zap.Int("removed", removed))

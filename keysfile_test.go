@@ -1,10 +1,13 @@
 package apikey
 
 import (
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -794,6 +797,515 @@ func TestParseTimeFarAway(t *testing.T) {
 			}
 			if got, _ := h.lifecycle(rec); got != tc.want {
 				t.Errorf("outcome = %q, want %q", got, tc.want)
+			}
+		})
+	}
+}
+
+// recordDiff says how two records differ, the fields they share with
+// other keys included; "" when they do not.
+func recordDiff(a, b *keyRecord) string {
+	type view struct {
+		ID, Name, Owner, Plan string
+		Digest                [32]byte
+		Metadata              map[string]string
+		LimitMode, QuotaMode  limitMode
+		Limit                 ratelimit.Limit
+		Policy                policy
+		Burst                 int64
+		Quota                 string
+		Restr                 restrictions
+		NotBefore, Expires    int64
+		Disabled              bool
+		IDAny, NameAny        any
+		OwnerAny, PlanAny     any
+		MetadataAny           map[string]any
+		Provider              bool
+	}
+	of := func(r *keyRecord) view {
+		return view{
+			ID: r.id, Name: r.name, Owner: r.owner, Plan: r.plan, Digest: r.digest, Metadata: r.metadata,
+			LimitMode: r.limitMode, QuotaMode: r.quotaMode, Limit: r.limit, Policy: r.policy, Burst: r.burst,
+			Quota: r.quota.String(), Restr: r.restr, NotBefore: r.notBefore, Expires: r.expires, Disabled: r.disabled,
+			IDAny: r.idAny, NameAny: r.nameAny, OwnerAny: r.ownerAny, PlanAny: r.planAny, MetadataAny: r.metadataAny,
+			Provider: r.provider != nil,
+		}
+	}
+	va, vb := of(a), of(b)
+	if reflect.DeepEqual(va, vb) {
+		return ""
+	}
+	return fmt.Sprintf("%+v\nagainst %+v", va, vb)
+}
+
+// checkScanAgrees checks that whenever scanKeysFile reads data, it makes the
+// records that decodeKeysFile makes of it. It reports whether
+// scanKeysFile read it and whether decodeKeysFile did.
+func checkScanAgrees(t *testing.T, data []byte) (scanned, decoded bool) {
+	t.Helper()
+	fast := scanKeysFile(data, new(recordAlloc))
+	slow, err := decodeKeysFile(data, new(recordAlloc))
+	if fast == nil {
+		return false, err == nil
+	}
+	if err != nil {
+		t.Fatalf("scanKeysFile read %d keys of a file that encoding/json refuses: %v\nfile: %q", len(fast.byDigest), err, data)
+	}
+	if len(fast.byDigest) != len(slow.byDigest) {
+		t.Fatalf("scanKeysFile read %d keys, encoding/json %d\nfile: %q", len(fast.byDigest), len(slow.byDigest), data)
+	}
+	for d, rec := range slow.byDigest {
+		other := fast.byDigest[d]
+		if other == nil {
+			t.Fatalf("scanKeysFile lost key %q\nfile: %q", rec.id, data)
+		}
+		if diff := recordDiff(other, rec); diff != "" {
+			t.Fatalf("scanKeysFile read key %q as\n%s (encoding/json)\nfile: %q", rec.id, diff, data)
+		}
+	}
+	return true, true
+}
+
+// randomKeysFile writes a keys file of a few entries, mostly valid, in the
+// many ways JSON allows: spacing, field order, escapes, non-ASCII, names in
+// other cases, nulls, fields twice, numbers of every form; and now and then
+// a value that is invalid, as JSON or as a key's setting. odd reports that
+// it wrote the file's top level in a way that scanKeysFile leaves to
+// encoding/json.
+func randomKeysFile(r *rand.Rand) (data []byte, odd bool) {
+	pick := func(opts ...string) string { return opts[r.IntN(len(opts))] }
+	// good or, one time in sixteen, bad.
+	either := func(good, bad []string) string {
+		if r.IntN(16) == 0 {
+			return pick(bad...)
+		}
+		return pick(good...)
+	}
+	sp := func() string {
+		switch n := r.IntN(600); {
+		case n == 0:
+			return pick("\f", "\v", "\u00a0", "\x00")
+		case n < 200:
+			return pick(" ", "\n", "\t", "\r\n", "  ")
+		}
+		return ""
+	}
+	// quote writes s as a JSON string, at times with an escape, a
+	// character beyond ASCII or bytes that JSON refuses or replaces.
+	quote := func(s string) string {
+		switch r.IntN(80) {
+		case 0, 1:
+			return `"` + s + `\u0061"`
+		case 2:
+			return `"` + s + `\"x"`
+		case 3, 4:
+			return `"` + s + "é日" + `"`
+		case 5:
+			return `"` + s + "\xff" + `"`
+		case 6:
+			return `"` + s + `\/"`
+		case 7:
+			return `"` + s + "\x01" + `"`
+		case 8:
+			return `"` + s + "\x7f" + `"`
+		}
+		return `"` + s + `"`
+	}
+	str := func(good []string, bad ...string) string { return quote(either(good, append(bad, "null", "1"))) }
+	strList := func(good []string, bad ...string) string {
+		parts := make([]string, 1+r.IntN(2))
+		if r.IntN(16) == 0 {
+			parts = nil
+		}
+		for i := range parts {
+			parts[i] = str(good, bad...)
+		}
+		if r.IntN(16) == 0 {
+			return pick("null", `"x"`, "{}")
+		}
+		return "[" + sp() + strings.Join(parts, ","+sp()) + sp() + "]"
+	}
+	var fields = map[string]func() string{
+		"name":  func() string { return str([]string{"Alpha", "", "a name"}) },
+		"owner": func() string { return str([]string{"team-a", ""}) },
+		"plan":  func() string { return str([]string{"pro", "free"}, "bad plan", "") },
+		"rate":  func() string { return str([]string{"10/1s", "600/1m", "off", "5000/d", ""}, "fast", "0/1m") },
+		"burst": func() string {
+			return either([]string{"5", "3", "1000000000"}, []string{"0", "-1", "07", "5.0", "1e2", "-0", "1000000001", "99999999999999999999", `"5"`, "null", "5x"})
+		},
+		"quota": func() string { return str([]string{"100/day", "10/hour", "off", ""}, "5/fortnight") },
+		"not_before": func() string {
+			return str([]string{"2020-01-01T00:00:00Z", "2030-01-01T00:00:00+02:00", ""}, "yesterday")
+		},
+		"expires": func() string {
+			return str([]string{"2031-01-01T00:00:00Z", "2035-06-01T12:00:00-07:00", ""}, "2019-01-01T00:00:00Z")
+		},
+		"disabled": func() string {
+			return either([]string{"true", "false"}, []string{`"true"`, "null", "tru", "falsey", "0"})
+		},
+		"metadata": func() string {
+			if r.IntN(12) == 0 {
+				return pick("null", `{"a": 1}`, `[]`, `{"a" "b"}`, `{"a": "b",}`)
+			}
+			parts := make([]string, r.IntN(3))
+			for i := range parts {
+				parts[i] = str([]string{"tier", "region.eu", "tier"}, "a b", "") + sp() + ":" + sp() + str([]string{"gold", "", "x"})
+			}
+			return "{" + sp() + strings.Join(parts, ","+sp()) + sp() + "}"
+		},
+		"allow_ips":       func() string { return strList([]string{"10.0.0.0/8", "::1", "192.168.1.1"}, "nope") },
+		"allow_methods":   func() string { return strList([]string{"GET", "post"}, "BAD METHOD") },
+		"allow_paths":     func() string { return strList([]string{"/v1", "/v2/*"}, "relative") },
+		"allow_referrers": func() string { return strList([]string{"https://*.example.com/*", "example.org"}, "") },
+	}
+	names := slices.Sorted(maps.Keys(fields))
+	entry := func(i int) string {
+		var parts []string
+		add := func(name, value string) {
+			key := `"` + name + `"`
+			switch r.IntN(120) {
+			case 0:
+				key = `"` + strings.ToUpper(name) + `"`
+			case 1:
+				key = `"` + name[:1] + `\u00` + fmt.Sprintf("%x", name[1]) + name[2:] + `"`
+			case 2:
+				key = `"unknown"`
+			case 3:
+				key = name
+			}
+			parts = append(parts, key+sp()+":"+sp()+value)
+		}
+		if r.IntN(30) > 0 {
+			add("id", `"`+either([]string{fmt.Sprintf("k%d", i)}, []string{"k1", "a b", "", strings.Repeat("i", 129), `k\u0031`})+`"`)
+		}
+		if r.IntN(30) > 0 {
+			hex := sha256Hex(fmt.Sprint(i))[len("sha256:"):]
+			add("hash", `"`+either([]string{"sha256:" + hex, "sha256:" + strings.ToUpper(hex), "SHA256:" + hex},
+				[]string{sha256Hex(fmt.Sprint(i - 1)), "sha256:" + hex[1:], "sha256:" + strings.Repeat("g", 64), "md5:00", hex, `sha256:\u0030` + hex[1:]})+`"`)
+		}
+		for _, name := range names {
+			if r.IntN(5) == 0 {
+				add(name, fields[name]())
+			}
+		}
+		if r.IntN(20) == 0 {
+			name := pick(names...)
+			add(name, fields[name]()) // a field twice
+		}
+		r.Shuffle(len(parts), func(i, j int) { parts[i], parts[j] = parts[j], parts[i] })
+		if r.IntN(40) == 0 {
+			return pick("null", `"a"`, "[]", "{}", "1")
+		}
+		return "{" + sp() + strings.Join(parts, ","+sp()) + sp() + "}"
+	}
+	entries := make([]string, r.IntN(4))
+	for i := range entries {
+		entries[i] = entry(i + 1)
+	}
+	keysName := `"keys"`
+	if r.IntN(30) == 0 {
+		keysName, odd = `"k\u0065ys"`, true
+	}
+	var b strings.Builder
+	b.WriteString(sp() + "{" + sp() + keysName + sp() + ":" + sp() + "[" + sp())
+	b.WriteString(strings.Join(entries, sp()+","+sp()))
+	b.WriteString(sp() + "]" + sp() + "}" + sp())
+	return []byte(b.String()), odd
+}
+
+// mutate changes a few bytes of data, mostly into JSON's own, and mostly
+// where JSON has its own.
+func mutate(r *rand.Rand, data []byte) []byte {
+	out := slices.Clone(data)
+	const alphabet = "{}[]:,\"\\ \n0123456789-.etrufalsnx\x00\x1f\x80\xc3\xa9"
+	for range 1 + r.IntN(3) {
+		c := alphabet[r.IntN(len(alphabet))]
+		i := r.IntN(len(out) + 1)
+		for range 8 {
+			if i == len(out) || strings.IndexByte("{}[]:,\"\\", out[i]) >= 0 {
+				break
+			}
+			i = r.IntN(len(out) + 1)
+		}
+		switch {
+		case len(out) == 0 || r.IntN(3) == 0:
+			out = slices.Insert(out, i, c)
+		case r.IntN(2) == 0 && i < len(out):
+			out = slices.Delete(out, i, i+1)
+		case i < len(out):
+			out[i] = c
+		}
+	}
+	return out
+}
+
+// TestScanKeysFileAgrees checks the fast path against encoding/json on
+// random keys files and on broken copies of them: whatever scanKeysFile
+// reads, it reads as encoding/json does, and every valid file whose top
+// level is written plainly it reads itself.
+func TestScanKeysFileAgrees(t *testing.T) {
+	r := rand.New(rand.NewPCG(6, 1_000_000))
+	rounds := 5000
+	if testing.Short() {
+		rounds = 500
+	}
+	var scanned, valid, mutatedScanned int
+	for range rounds {
+		data, odd := randomKeysFile(r)
+		s, d := checkScanAgrees(t, data)
+		if d && !s && !odd {
+			t.Fatalf("scanKeysFile left a valid file to encoding/json: %q", data)
+		}
+		if s {
+			scanned++
+		}
+		if d {
+			valid++
+		}
+		if s, _ := checkScanAgrees(t, mutate(r, data)); s {
+			mutatedScanned++
+		}
+	}
+	// The generator must make enough valid files to mean something.
+	if valid < rounds/10 || mutatedScanned < rounds/100 {
+		t.Errorf("of %d random files %d valid (%d read by the fast path), %d broken copies read", rounds, valid, scanned, mutatedScanned)
+	}
+	t.Logf("of %d random files %d valid (%d read by the fast path), %d broken copies read", rounds, valid, scanned, mutatedScanned)
+}
+
+// FuzzScanKeysFile checks the fast path against encoding/json on any input:
+// the same records, or scanKeysFile leaves the file to decodeKeysFile
+// (which then finds the same records or the error).
+func FuzzScanKeysFile(f *testing.F) {
+	for _, s := range keysFileSeeds {
+		f.Add([]byte(s))
+	}
+	r := rand.New(rand.NewPCG(1, 2))
+	for range 50 {
+		data, _ := randomKeysFile(r)
+		f.Add(data)
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		checkScanAgrees(t, data)
+		set, err := parseKeysFile(data)
+		if want, wantErr := decodeKeysFile(data, new(recordAlloc)); (err == nil) != (wantErr == nil) ||
+			err != nil && err.Error() != wantErr.Error() || set != nil && len(set.byDigest) != len(want.byDigest) {
+			t.Fatalf("parseKeysFile = %v, %v; decodeKeysFile = %v, %v", set, err, want, wantErr)
+		}
+	})
+}
+
+// Keys that set nothing rare share one keyRare, keys that differ only in
+// plan, quota or disabled share one per combination, and every record still
+// answers its own placeholders.
+func TestKeyRecordSharing(t *testing.T) {
+	data := []byte(`{"keys": [
+		{"id": "a", "hash": "` + hash1 + `"},
+		{"id": "b", "hash": "` + hash2 + `"},
+		{"id": "c", "hash": "` + hash3 + `", "plan": "pro"},
+		{"id": "d", "hash": "` + hash4 + `", "plan": "pro"},
+		{"id": "e", "hash": "` + hash5 + `", "plan": "pro", "quota": "10/day"},
+		{"id": "f", "hash": "` + hash6 + `", "plan": "pro", "name": "Eff", "owner": "o", "metadata": {"tier": "gold"}},
+		{"id": "g", "hash": "` + hash7 + `", "rate": "10/1s"},
+		{"id": "h", "hash": "` + sha256Hex("h") + `", "rate": "10/1s", "burst": 3}
+	]}`)
+	for _, parse := range []struct {
+		name string
+		fn   func([]byte) (*keySet, error)
+	}{
+		{"scan", func(data []byte) (*keySet, error) { return scanKeysFile(data, new(recordAlloc)), nil }},
+		{"encoding/json", func(data []byte) (*keySet, error) { return decodeKeysFile(data, new(recordAlloc)) }},
+	} {
+		t.Run(parse.name, func(t *testing.T) {
+			set, err := parse.fn(data)
+			if err != nil || set == nil {
+				t.Fatalf("parse: %v", err)
+			}
+			rec := make(map[string]*keyRecord)
+			for _, r := range set.byDigest {
+				rec[r.id] = r
+			}
+			if rec["a"].keyRare != noRare || rec["b"].keyRare != noRare || rec["g"].keyRare != noRare {
+				t.Error("keys without rare settings do not share noRare")
+			}
+			if rec["c"].keyRare != rec["d"].keyRare || rec["c"].keyRare == noRare {
+				t.Error("two keys of plan pro do not share their keyRare")
+			}
+			if rec["e"].keyRare == rec["c"].keyRare || rec["f"].keyRare == rec["c"].keyRare {
+				t.Error("keys with other settings share plan pro's keyRare")
+			}
+			if rec["g"].policy.header != `"key";q=10;w=1` || rec["h"].limit.Burst != 3 || rec["g"].limit.Burst != 10 {
+				t.Errorf("rates: g %+v %+v, h %+v", rec["g"].limit, rec["g"].policy, rec["h"].limit)
+			}
+			for _, tc := range []struct {
+				id, placeholder string
+				want            any
+			}{
+				{"a", "http.api_key.id", "a"},
+				{"a", "http.auth.user.id", "a"},
+				{"a", "http.api_key.name", ""},
+				{"a", "http.api_key.plan", ""},
+				{"a", "http.api_key.metadata.tier", ""},
+				{"c", "http.api_key.plan", "pro"},
+				{"d", "http.api_key.id", "d"},
+				{"f", "http.api_key.name", "Eff"},
+				{"f", "http.api_key.owner", "o"},
+				{"f", "http.api_key.plan", "pro"},
+				{"f", "http.api_key.metadata.tier", "gold"},
+			} {
+				if got, ok := rec[tc.id].provider(tc.placeholder); !ok || got != tc.want {
+					t.Errorf("key %s: {%s} = %#v, %v; want %#v", tc.id, tc.placeholder, got, ok, tc.want)
+				}
+			}
+		})
+	}
+}
+
+// The records keep nothing of the file's buffer, which the caller may
+// reuse: the fast path reads strings in place and must copy those it keeps.
+func TestParseKeysFileKeepsNoView(t *testing.T) {
+	data := []byte(`{"keys": [{"id": "a", "hash": "` + hash1 + `", "name": "Alpha", "owner": "team-a", "plan": "pro",
+		"rate": "10/1s", "burst": 5, "quota": "100/day", "not_before": "2020-01-01T00:00:00Z", "expires": "2031-01-01T00:00:00Z",
+		"metadata": {"tier": "gold"}, "allow_ips": ["10.0.0.0/8"], "allow_referrers": ["https://*.example.com/*"],
+		"allow_methods": ["GET"], "allow_paths": ["/v1"]},
+		{"id": "b", "hash": "` + hash2 + `", "plan": "pro"}]}`)
+	want, err := decodeKeysFile(slices.Clone(data), new(recordAlloc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := scanKeysFile(data, new(recordAlloc))
+	if got == nil {
+		t.Fatal("scanKeysFile did not read the file")
+	}
+	for i := range data {
+		data[i] = 'x'
+	}
+	for d, w := range want.byDigest {
+		if diff := recordDiff(got.byDigest[d], w); diff != "" {
+			t.Errorf("after the buffer changed, key %q reads\n%s", w.id, diff)
+		}
+	}
+}
+
+// With the Go this module is built with, an id is boxed in place. If this
+// fails, the runtime's layout of an interface changed: boxString then
+// copies, which is correct but costs 16 bytes and an allocation per key.
+func TestBoxStringInPlace(t *testing.T) {
+	if !boxInPlace {
+		t.Fatal("interface layout not recognised; boxString copies")
+	}
+	rec := newKeyRecord(&keyRecord{id: "alpha"})
+	if s, ok := rec.idAny.(string); !ok || s != "alpha" || rec.idAny != any("alpha") {
+		t.Fatalf("idAny = %#v", rec.idAny)
+	}
+	if allocs := testing.AllocsPerRun(100, func() { _ = boxString(&rec.id) }); allocs != 0 {
+		t.Errorf("boxString allocates %v times", allocs)
+	}
+}
+
+// plainWord agrees with a look at each byte: every byte value in every
+// position among plain ones, and random words.
+func TestPlainWord(t *testing.T) {
+	plain := func(b byte) bool { return b >= 0x20 && b < 0x80 && b != '"' && b != '\\' }
+	check := func(w [8]byte) {
+		want := true
+		for _, b := range w {
+			want = want && plain(b)
+		}
+		if got := plainWord(binary.LittleEndian.Uint64(w[:])); got != want {
+			t.Fatalf("plainWord(%q) = %v, want %v", w, got, want)
+		}
+	}
+	for b := range 256 {
+		for pos := range 8 {
+			w := [8]byte{'a', 'b', 'c', 'd', 'e', 'f', 'g', 'h'}
+			w[pos] = byte(b)
+			check(w)
+		}
+	}
+	r := rand.New(rand.NewPCG(1, 2))
+	for range 100000 {
+		var w [8]byte
+		for i := range w {
+			// Mostly plain, so that words of one odd byte are common.
+			w[i] = byte(0x20 + r.IntN(0x60))
+			if r.IntN(16) == 0 {
+				w[i] = byte(r.IntN(256))
+			}
+		}
+		check(w)
+	}
+}
+
+// A new version of a file keeps the records of the keys that did not
+// change, whichever path reads it, and counts the keys added and removed
+// as diffSets does.
+func TestReparseKeysFileReuses(t *testing.T) {
+	v1 := `{"keys": [
+		{"id": "a", "hash": "` + hash1 + `"},
+		{"id": "b", "hash": "` + hash2 + `", "plan": "pro"},
+		{"id": "c", "hash": "` + hash3 + `", "name": "C", "metadata": {"tier": "gold"}, "allow_ips": ["10.0.0.0/8"]},
+		{"id": "d", "hash": "` + hash4 + `", "rate": "10/1s"},
+		{"id": "e", "hash": "` + hash5 + `"},
+		{"id": "f", "hash": "` + hash6 + `"},
+		{"id": "h", "hash": "` + sha256Hex("h") + `", "name": "H", "metadata": {"tier": "gold"}},
+		{"id": "i", "hash": "` + sha256Hex("i") + `", "plan": "pro"}
+	]}`
+	v2 := `{"keys": [
+		{"id": "a", "hash": "` + hash1 + `"},
+		{"id": "b", "hash": "` + hash2 + `", "plan": "pro"},
+		{"id": "c", "hash": "` + hash3 + `", "name": "C", "metadata": {"tier": "gold"}, "allow_ips": ["10.0.0.0/8"]},
+		{"id": "d", "hash": "` + hash4 + `", "rate": "20/1s"},
+		{"id": "e2", "hash": "` + hash5 + `"},
+		{"id": "g", "hash": "` + hash7 + `"},
+		{"id": "h", "hash": "` + sha256Hex("h") + `", "name": "H", "metadata": {"tier": "silver"}},
+		{"id": "i", "hash": "` + sha256Hex("i") + `", "plan": "free"}
+	]}`
+	for _, tc := range []struct {
+		name, data string
+	}{
+		{"scan", v2},
+		// An escape in the top level leaves the file to encoding/json.
+		{"encoding/json", strings.Replace(v2, `"keys"`, `"k\u0065ys"`, 1)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			old, err := parseKeysFile([]byte(v1))
+			if err != nil {
+				t.Fatal(err)
+			}
+			set, added, removed, err := reparseKeysFile([]byte(tc.data), old)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if wa, wr := diffSets(old, set); added != wa || removed != wr || added != 1 || removed != 1 {
+				t.Errorf("added %d, removed %d; diffSets says %d, %d; want 1, 1", added, removed, wa, wr)
+			}
+			for _, h := range []string{hash1, hash2, hash3} {
+				d := digestOf(t, h)
+				if set.byDigest[d] != old.byDigest[d] {
+					t.Errorf("key %s: a new record for an unchanged key", old.byDigest[d].id)
+				}
+			}
+			for _, h := range []string{hash4, hash5, sha256Hex("h"), sha256Hex("i")} {
+				d := digestOf(t, h)
+				if set.byDigest[d] == old.byDigest[d] {
+					t.Errorf("key %s: the old record kept for a changed key", set.byDigest[d].id)
+				}
+			}
+			if d := digestOf(t, hash4); set.byDigest[d].limit.Count != 20 {
+				t.Errorf("key d: limit %+v, want the new rate", set.byDigest[d].limit)
+			}
+			if set.gen == old.gen {
+				t.Error("the new set has the old generation")
+			}
+			fresh, err := parseKeysFile([]byte(tc.data))
+			if err != nil {
+				t.Fatal(err)
+			}
+			for d, rec := range fresh.byDigest {
+				if diff := recordDiff(set.byDigest[d], rec); diff != "" {
+					t.Errorf("key %s read over the old set differs from a fresh read:\n%s", rec.id, diff)
+				}
 			}
 		})
 	}
