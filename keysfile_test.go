@@ -425,7 +425,7 @@ func nextMtime() time.Time {
 }
 
 // slowPolling stops the watcher from checking on its own during a test.
-func slowPolling(t *testing.T) {
+func slowPolling(t testing.TB) {
 	t.Helper()
 	saved := keysFilePollInterval
 	keysFilePollInterval = time.Hour
