@@ -160,7 +160,7 @@ func BenchmarkServeHTTPMiss(b *testing.B) {
 
 // BenchmarkLimiterDecide is one limiter decision alone.
 func BenchmarkLimiterDecide(b *testing.B) {
-	l := newLimiter(monotonicClock())
+	l := newLimiter(monoNow)
 	h := newTestHandler(b, &Handler{Keys: []InlineKey{{ID: "alpha", Key: testKeyA}}, Rate: "1000000000/1s"})
 	digest := sha256.Sum256([]byte(testKeyA))
 	b.ReportAllocs()

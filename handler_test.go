@@ -330,7 +330,7 @@ func TestLimitOf(t *testing.T) {
 // rate 10/1m: exactly 10 go through.
 func TestRateLimitConcurrent(t *testing.T) {
 	h := newTestHandler(t, &Handler{Keys: []InlineKey{{ID: "alpha", Key: testKeyA}}, Rate: "10/1m"})
-	h.limiter = newLimiter(monotonicClock())
+	h.limiter = newLimiter(monoNow)
 	var next nextRecorder
 	var limited atomic.Int64
 	var wg sync.WaitGroup

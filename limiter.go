@@ -49,12 +49,6 @@ type bucketKey struct {
 	burst    int64
 }
 
-// monotonicClock reads the monotonic clock in nanoseconds since start.
-func monotonicClock() func() int64 {
-	start := time.Now()
-	return func() int64 { return int64(time.Since(start)) }
-}
-
 // processStart anchors monoNow.
 var processStart = time.Now()
 

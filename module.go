@@ -319,7 +319,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		if err != nil {
 			return fmt.Errorf("max_failures: %w", err)
 		}
-		h.guard = newFailGuard(lim, monotonicClock())
+		h.guard = newFailGuard(lim, monoNow)
 		go func() {
 			t := time.NewTicker(limiterSweepInterval)
 			defer t.Stop()

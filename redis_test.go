@@ -88,13 +88,31 @@ func rdHandler(t testing.TB, r *TestRedis, h *Handler) *Handler {
 		h.QuotaFile = filepath.Join(t.TempDir(), "quotas.db")
 	}
 	newTestHandler(t, h)
+	rdWaitSubscribed(t, h)
+	return h
+}
+
+// rdWaitSubscribed waits until h's backend has subscribed to the change
+// channel and read the generation.
+func rdWaitSubscribed(t testing.TB, h *Handler) {
+	t.Helper()
 	rdWait(t, 5*time.Second, "the backend subscribes to the change channel", func() string {
 		if h.redis.subscribed.Load() && h.redis.gen.Load() > redisGenBase {
 			return ""
 		}
 		return "not subscribed yet"
 	})
-	return h
+}
+
+// rdWaitDown waits until h's backend has marked Redis down.
+func rdWaitDown(t testing.TB, h *Handler) {
+	t.Helper()
+	rdWait(t, 5*time.Second, "the watcher marks Redis down", func() string {
+		if h.redis.down.Load() {
+			return ""
+		}
+		return "not marked down yet"
+	})
 }
 
 // rdWait polls cond every 20 ms until it answers "", and fails the test
@@ -1012,12 +1030,7 @@ func TestRedisStoreDown(t *testing.T) {
 			// A failed lookup is that request's failure; the watcher's
 			// pings (two failed in a row) mark Redis down.
 			rdCheck(t, "uncached key, Redis down", rdTimed(t, h, uncached), unavailable)
-			rdWait(t, 5*time.Second, "the watcher marks Redis down", func() string {
-				if h.redis.down.Load() {
-					return ""
-				}
-				return "not marked down yet"
-			})
+			rdWaitDown(t, h)
 			for range 3 {
 				if mode == storeErrorDeny {
 					rdCheck(t, "cached key, Redis down", rdTimed(t, h, cached), unavailable)
@@ -1074,23 +1087,13 @@ func TestRedisStoreDownReload(t *testing.T) {
 	if err := old.Provision(ctx); err != nil {
 		t.Fatal(err)
 	}
-	rdWait(t, 5*time.Second, "the backend subscribes to the change channel", func() string {
-		if old.redis.subscribed.Load() && old.redis.gen.Load() > redisGenBase {
-			return ""
-		}
-		return "not subscribed yet"
-	})
+	rdWaitSubscribed(t, old)
 	okCached := rdWant{status: http.StatusOK, outcome: outcomeOK, id: "cached"}
 	rdCheck(t, "cached key, Redis up", rdServe(old, cached), okCached)
 	old.cache.c.Wait()
 
 	r.Stop()
-	rdWait(t, 5*time.Second, "the watcher marks Redis down", func() string {
-		if old.redis.down.Load() {
-			return ""
-		}
-		return "not marked down yet"
-	})
+	rdWaitDown(t, old)
 	// The reload: the new config is provisioned, then the old cleaned up.
 	same, changed := newTestHandler(t, config("site")), newTestHandler(t, config("other"))
 	if err := old.Cleanup(); err != nil {
@@ -1176,12 +1179,7 @@ func TestRedisLimiterDown(t *testing.T) {
 					rdCheck(t, fmt.Sprintf("request %d, Redis down", i+1), rdTimed(t, h, key), rdWant{status: http.StatusTooManyRequests, outcome: outcomeLimiterUnavailable, id: "k", retry: "1"})
 				}
 			}
-			rdWait(t, 5*time.Second, "the watcher marks Redis down", func() string {
-				if h.redis.down.Load() {
-					return ""
-				}
-				return "not marked down yet"
-			})
+			rdWaitDown(t, h)
 			if n := rdLogCount(logs, rdLogDown); n != 1 {
 				t.Errorf("%d log entries %q for one outage, want 1", n, rdLogDown)
 			}
