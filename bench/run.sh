@@ -383,7 +383,7 @@ one_site() { # keysfile port -> prints "seconds rss_kb"
 kill "$caddy_pid"; wait "$caddy_pid" 2>/dev/null || true
 read -r t1k r1k <<<"$(one_site "$work/keys1k.json" 18300)"
 read -r t1m r1m <<<"$(one_site "$work/keys1m-b.json" 18301)"
-ms=$(grep -o '"keys file loaded".*' "$work/one.log" | head -1)
+ms=$(grep -m1 -o '"keys file loaded".*' "$work/one.log")
 echo "Start to first 200: 1k keys ${t1k} s, 1M keys ${t1m} s (includes process start; the 1M file is $(($(stat -c %s "$work/keys1m-b.json") / 1048576)) MiB)."
 echo "RSS: 1k keys $((r1k / 1024)) MiB, 1M keys $((r1m / 1024)) MiB: $(awk -v a="$r1k" -v b="$r1m" 'BEGIN {printf "%.0f", (b - a) * 1024 / 999001}') B per key (RSS includes garbage not yet returned to the OS)."
 say "done"

@@ -265,7 +265,7 @@ check_wrk() { # out what
 	f=$(awk '/wrk 5xx/ {print $3}' "$1")
 	[ "$f" = 0 ] || bad "$2: wrk counted ${f:-no} 5xx answers (see $1)"
 }
-metric() { curl -s -m 5 "http://127.0.0.1:$admin/metrics" | awk -v m="$1" '$1 == m {print $2; exit}'; }
+metric() { curl -s -m 5 "http://127.0.0.1:$admin/metrics" | awk -v m="$1" '$1 == m && !done {print $2; done = 1}'; }
 goroutines() { metric go_goroutines; }
 rss_kb() { awk '/VmRSS/ {print $2}' /proc/"$caddy_pid"/status; }
 handlers() { curl -s -m 5 "http://127.0.0.1:$admin/api_key/usage" | grep -o '"handler"' | wc -l; }
