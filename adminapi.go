@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/keystile/caddy-apikey/internal/quota"
@@ -87,6 +88,16 @@ func liveHandlers() []*Handler {
 type keyUsage struct {
 	counts   [len(usageOutcomes)]atomic.Int64
 	lastSeen atomic.Int64 // monoNow reading; made wall-clock time when shown (see wallTime)
+	// okSeries is the key's per-key series of outcome ok, once made with
+	// its id as the label, so that an admitted request finds it without
+	// two sync.Map lookups (see countOutcomeAt).
+	okSeries atomic.Pointer[keySeries]
+}
+
+// keySeries is a per-key counter and the key id it is labelled with.
+type keySeries struct {
+	id string
+	c  prometheus.Counter
 }
 
 // usageOutcomes are the outcomes counted per key (those of known keys).
@@ -129,15 +140,17 @@ func usageOf(rec *keyRecord) *keyUsage {
 	return u
 }
 
-// countUsage counts a request of a known key, made at now (monoNow).
-func countUsage(rec *keyRecord, outcome string, now int64) {
+// countUsage counts a request of a known key, made at now (monoNow), and
+// returns the key's usage (nil for an outcome not counted per key).
+func countUsage(rec *keyRecord, outcome string, now int64) *keyUsage {
 	i := usageIndex(outcome)
 	if i < 0 {
-		return
+		return nil
 	}
 	u := usageOf(rec)
 	u.counts[i].Add(1)
 	u.lastSeen.Store(now)
+	return u
 }
 
 // adminKey is a key as the admin API shows it: never its hash.

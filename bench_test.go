@@ -131,9 +131,9 @@ func BenchmarkServeHTTPParallel(b *testing.B) {
 	}
 }
 
-// BenchmarkServeHTTPInvalid is a flood of unknown keys, each seen before
-// (negative cache hits), and of malformed ones (no lookup at all). Most of
-// its cost is Caddy's: caddyhttp.Error makes an error id and a trace.
+// BenchmarkServeHTTPInvalid is a flood of unknown keys (a cache miss and a
+// lookup in the inline keys: unknown keys are not cached with the keys in
+// memory), and of malformed ones (no lookup at all).
 func BenchmarkServeHTTPInvalid(b *testing.B) {
 	// The brute-force guard would soon answer for these, from one
 	// address: what is measured here is the rejection itself.

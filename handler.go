@@ -2,6 +2,7 @@ package apikey
 
 import (
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"net/http"
 	"net/netip"
@@ -446,7 +447,13 @@ func (h *Handler) find(r *http.Request, digest *[32]byte, now *int64) (*keyRecor
 			rec = nil
 		}
 	}
-	h.cache.put(digest, gen, rec, *now)
+	// An unknown key is remembered only when its lookup went to Redis:
+	// the key set and the inline keys are in memory, where a miss costs
+	// less than the ristretto Set that would remember it (and a flood of
+	// made-up keys would crowd out the found ones).
+	if rec != nil || h.redisStore {
+		h.cache.put(digest, gen, rec, *now)
+	}
 	return rec, nil
 }
 
@@ -760,17 +767,36 @@ func (c *collector) add(v string) {
 }
 
 // validKey reports whether v can be a key: 1 to maxKeyLen visible ASCII
-// characters.
+// characters (0x21 to 0x7e). It tests eight bytes at a time: a 64-byte key
+// takes 8 steps instead of 64.
 func validKey(v string) bool {
 	if len(v) == 0 || len(v) > maxKeyLen {
 		return false
 	}
-	for i := 0; i < len(v); i++ {
+	i := 0
+	for ; i+8 <= len(v); i += 8 {
+		if !visible8(binary.LittleEndian.Uint64(unsafe.Slice(unsafe.StringData(v[i:]), 8))) {
+			return false
+		}
+	}
+	for ; i < len(v); i++ {
 		if v[i] <= ' ' || v[i] >= 0x7f {
 			return false
 		}
 	}
 	return true
+}
+
+// visible8 reports whether each of the eight bytes of x is visible ASCII
+// (0x21 to 0x7e). These are the "has less" and "has more" tests of Sean
+// Anderson's Bit Twiddling Hacks, exact as a whole for n <= 128: a byte
+// below 0x21 borrows into its own high bit, one above 0x7e carries into
+// it (or has it set already).
+func visible8(x uint64) bool {
+	const ones, highs = 0x0101010101010101, 0x8080808080808080
+	below := (x - ones*0x21) &^ x & highs
+	above := (x + ones*(127-0x7e) | x) & highs
+	return below|above == 0
 }
 
 // bearerToken returns the token of an Authorization value of the Bearer

@@ -1,10 +1,12 @@
 package apikey
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -866,6 +868,96 @@ func TestHotPathAllocs(t *testing.T) {
 			}
 			if id, _ := br.repl.GetString("http.api_key.id"); id != "alpha" {
 				t.Errorf("http.api_key.id = %q after the last request", id)
+			}
+		})
+	}
+}
+
+// TestValidKeyAgrees checks the eight-bytes-at-a-time validKey against the
+// byte-by-byte rule: every byte value at every position of a word, and
+// random strings of every length around the word size.
+func TestValidKeyAgrees(t *testing.T) {
+	slow := func(v string) bool {
+		if len(v) == 0 || len(v) > maxKeyLen {
+			return false
+		}
+		for i := 0; i < len(v); i++ {
+			if v[i] <= ' ' || v[i] >= 0x7f {
+				return false
+			}
+		}
+		return true
+	}
+	base := []byte("abcdefghijklmnopqrstuvwxyz012345") // 32 visible bytes
+	for pos := range 17 {
+		for b := range 256 {
+			v := bytes.Clone(base[:17])
+			v[pos] = byte(b)
+			if got, want := validKey(string(v)), slow(string(v)); got != want {
+				t.Fatalf("byte %#02x at %d: validKey = %v, want %v", b, pos, got, want)
+			}
+		}
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	for range 200000 {
+		v := make([]byte, rng.IntN(40))
+		for i := range v {
+			// Mostly visible bytes, so that whole strings pass often.
+			if rng.IntN(20) == 0 {
+				v[i] = byte(rng.IntN(256))
+			} else {
+				v[i] = byte(0x21 + rng.IntN(0x7e-0x21+1))
+			}
+		}
+		if got, want := validKey(string(v)), slow(string(v)); got != want {
+			t.Fatalf("%q: validKey = %v, want %v", v, got, want)
+		}
+	}
+	for _, n := range []int{maxKeyLen, maxKeyLen + 1} {
+		if got, want := validKey(strings.Repeat("k", n)), n <= maxKeyLen; got != want {
+			t.Errorf("%d bytes: validKey = %v, want %v", n, got, want)
+		}
+	}
+}
+
+// TestUnknownKeysNotCachedInMemoryStores checks that with the keys in
+// memory (inline keys, a keys file) an unknown key takes no cache entry,
+// while a found one does. (With store redis an unknown key is cached:
+// TestRedisStore's "addition seen once published".)
+func TestUnknownKeysNotCachedInMemoryStores(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "keys.json")
+	if err := os.WriteFile(file, []byte(`{"keys": [{"id": "file", "hash": "`+hashOf(testKeyB)+`"}]}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name  string
+		h     *Handler
+		found string
+	}{
+		{"inline", &Handler{Keys: []InlineKey{{ID: "alpha", Key: testKeyA}}}, testKeyA},
+		{"keys file", &Handler{KeysFile: file}, testKeyB},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newTestHandler(t, tc.h)
+			hits, misses := since(apiKeyMetrics.cacheHits), since(apiKeyMetrics.cacheMisses)
+			for _, k := range []string{"unknown-key", "unknown-key", tc.found} {
+				p := prepare("/", http.Header{"X-Api-Key": {k}})
+				_ = h.ServeHTTP(p.w, p.r, &nextRecorder{})
+				h.cache.c.Wait()
+			}
+			p := prepare("/", http.Header{"X-Api-Key": {tc.found}})
+			if err := h.ServeHTTP(p.w, p.r, &nextRecorder{}); err != nil {
+				t.Fatalf("found key refused: %v", err)
+			}
+			if hits() != 1 || misses() != 3 {
+				t.Errorf("cache hits %v, misses %v; want 1 (the found key, again), 3", hits(), misses())
+			}
+			unknown := sha256.Sum256([]byte("unknown-key"))
+			for gen := range uint64(4) {
+				if _, ok := h.cache.get(&unknown, gen, monoNow()); ok {
+					t.Errorf("the unknown key is cached (generation %d)", gen)
+				}
 			}
 		})
 	}

@@ -157,18 +157,32 @@ func (h *Handler) countOutcomeAt(outcome string, rec *keyRecord, now int64) {
 	if now == 0 {
 		now = monoNow()
 	}
-	countUsage(rec, outcome, now)
+	u := countUsage(rec, outcome, now)
 	if h.perKeyMax == 0 {
 		return
 	}
-	k := keyOutcome{id: h.metricsID(rec.id), outcome: outcome}
-	if c, ok := apiKeyMetrics.perKey.Load(k); ok {
-		c.(prometheus.Counter).Inc()
-		return
+	// An admitted key's series, once labelled with its id, stays so: ids
+	// seen are never forgotten (see metricsID), so the series is kept on
+	// the key's usage. A series labelled "other" is not kept, since a
+	// handler with a higher cap may give the id its own.
+	ok := outcome == outcomeOK && u != nil
+	if ok {
+		if s := u.okSeries.Load(); s != nil && s.id == rec.id {
+			s.c.Inc()
+			return
+		}
 	}
-	c := apiKeyMetrics.keyRequests.WithLabelValues(k.id, outcome)
-	apiKeyMetrics.perKey.Store(k, c)
+	k := keyOutcome{id: h.metricsID(rec.id), outcome: outcome}
+	v, found := apiKeyMetrics.perKey.Load(k)
+	if !found {
+		v = apiKeyMetrics.keyRequests.WithLabelValues(k.id, outcome)
+		apiKeyMetrics.perKey.Store(k, v)
+	}
+	c := v.(prometheus.Counter)
 	c.Inc()
+	if ok && k.id == rec.id {
+		u.okSeries.Store(&keySeries{id: rec.id, c: c})
+	}
 }
 
 // metricsID is the key_id label of id: id itself while the cap on

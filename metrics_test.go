@@ -101,6 +101,23 @@ func TestMetricsPerKeyCap(t *testing.T) {
 	if one() != 2 || two() != 1 || other() != 2 || three() != 0 {
 		t.Errorf("per key: pk-1 %v, pk-2 %v, other %v, pk-3 %v; want 2, 1, 2, 0", one(), two(), other(), three())
 	}
+
+	// The same key under another id, on another site: its requests are
+	// not counted in the series the key's usage keeps for pk-1, and pk-1's
+	// still are afterwards.
+	h2 := newTestHandler(t, &Handler{Keys: []InlineKey{{ID: "pk-1b", Key: hashOf("per-key-1")}}, Metrics: &MetricsConfig{PerKey: true, MaxKeys: int(seen) + 2}})
+	send := func(h *Handler) {
+		p := prepare("/", http.Header{"X-Api-Key": {"per-key-1"}})
+		if err := h.ServeHTTP(p.w, p.r, &nextRecorder{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	send(h2)
+	send(h2)
+	send(h)
+	if one() != 3 || other() != 4 {
+		t.Errorf("after the same key as pk-1b: pk-1 %v, other %v; want 3, 4", one(), other())
+	}
 }
 
 func TestMetricsCaddyfile(t *testing.T) {
