@@ -110,7 +110,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	if outcome, err := h.lifecycle(rec); err != nil {
 		setChallenge(w.Header(), h.challengeBad)
-		return h.refuse(r, repl, rec, outcome, "", http.StatusUnauthorized, err)
+		return h.refuse(w, r, repl, rec, outcome, "", http.StatusUnauthorized, err)
 	}
 	var pl *plan
 	if rec.plan != "" {
@@ -118,7 +118,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	if restr := restrictionsOf(rec, pl); !restr.isZero() {
 		if failed := restr.check(r, clientIP(r)); failed != "" {
-			return h.refuse(r, repl, rec, outcomeForbidden, failed, http.StatusForbidden, errForbidden)
+			return h.refuse(w, r, repl, rec, outcomeForbidden, failed, http.StatusForbidden, errForbidden)
 		}
 	}
 
@@ -140,7 +140,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			return h.admit(w, r, next, repl, rec, degradedUnlimited, now, nil)
 		case limiterErrorDeny:
 			w.Header().Set("Retry-After", "1")
-			return h.refuse(r, repl, rec, outcomeLimiterUnavailable, "", http.StatusTooManyRequests, errLimiterUnavailable)
+			return h.refuse(w, r, repl, rec, outcomeLimiterUnavailable, "", http.StatusTooManyRequests, errLimiterUnavailable)
 		}
 		degraded = degradedLocalLimits
 		now = monoNow() // Redis may have taken its whole timeout
@@ -156,7 +156,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		if quotas, err = h.quotas.get(); err != nil {
 			h.quotas.logFailure(err)
 			w.Header().Set("Retry-After", "1")
-			return h.refuse(r, repl, rec, outcomeLimiterUnavailable, "", http.StatusTooManyRequests, errLimiterUnavailable)
+			return h.refuse(w, r, repl, rec, outcomeLimiterUnavailable, "", http.StatusTooManyRequests, errLimiterUnavailable)
 		}
 		// Over quota already: refuse without spending a rate token.
 		if d.quota = quotas.Peek(quotaName(rec), q); !d.quota.Allowed {
@@ -209,11 +209,11 @@ func (h *Handler) answer(w http.ResponseWriter, r *http.Request, next caddyhttp.
 	case outcomeQuotaExceeded:
 		setRateHeaders(w.Header(), nil, ratelimit.Decision{}, q, d.quota)
 		w.Header().Set("Retry-After", strconv.FormatInt(max(1, ratelimit.CeilSeconds(d.quota.Reset)), 10))
-		return h.refuse(r, repl, rec, outcomeQuotaExceeded, degraded, http.StatusTooManyRequests, errQuotaExceeded)
+		return h.refuse(w, r, repl, rec, outcomeQuotaExceeded, degraded, http.StatusTooManyRequests, errQuotaExceeded)
 	case outcomeRateLimited:
 		setRateHeaders(w.Header(), pol, d.rate, q, d.quota)
 		w.Header().Set("Retry-After", strconv.FormatInt(max(1, ratelimit.CeilSeconds(d.rate.RetryAfter)), 10))
-		return h.refuse(r, repl, rec, outcomeRateLimited, degraded, http.StatusTooManyRequests, errRateLimited)
+		return h.refuse(w, r, repl, rec, outcomeRateLimited, degraded, http.StatusTooManyRequests, errRateLimited)
 	}
 	spare := setRateHeaders(w.Header(), pol, d.rate, q, d.quota)
 	return h.admit(w, r, next, repl, rec, degraded, now, spare)
@@ -273,7 +273,7 @@ func (h *Handler) storeUnavailable(w http.ResponseWriter, r *http.Request, repl 
 	}
 	setChallenge(w.Header(), h.challengeMiss)
 	w.Header().Set("Retry-After", "1")
-	return handlerError(http.StatusUnauthorized, errStoreUnavailable)
+	return fail(w, r, http.StatusUnauthorized, errStoreUnavailable)
 }
 
 // refuse answers a request made with a known key that may not pass: the
@@ -282,7 +282,7 @@ func (h *Handler) storeUnavailable(w http.ResponseWriter, r *http.Request, repl 
 //
 // detail is the restriction that failed, for forbidden; for the other
 // outcomes it is the degraded mode the request was decided in, if any.
-func (h *Handler) refuse(r *http.Request, repl *caddy.Replacer, rec *keyRecord, outcome, detail string, status int, err error) error {
+func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, repl *caddy.Replacer, rec *keyRecord, outcome, detail string, status int, err error) error {
 	h.countOutcome(outcome, rec)
 	lf := &logRefused{rec: rec, outcome: outcome}
 	restriction := ""
@@ -301,7 +301,7 @@ func (h *Handler) refuse(r *http.Request, repl *caddy.Replacer, rec *keyRecord, 
 			repl.Set("http.api_key.restriction", restriction)
 		}
 	}
-	return handlerError(status, err)
+	return fail(w, r, status, err)
 }
 
 // checkFormat reports whether key is well formed for every declared prefix
@@ -367,7 +367,25 @@ func (h *Handler) tooManyFailures(w http.ResponseWriter, r *http.Request, repl *
 		setLogField(extra, zap.Object("api_key", logTooManyFailures))
 	}
 	w.Header().Set("Retry-After", strconv.FormatInt(max(1, ratelimit.CeilSeconds(retry)), 10))
-	return handlerError(http.StatusTooManyRequests, errTooManyFailures)
+	return fail(w, r, http.StatusTooManyRequests, errTooManyFailures)
+}
+
+// fail ends a refused request, whose headers are set. On a server with
+// error routes (handle_errors) it returns the error, for them to shape
+// the response. On a server without, where nothing would shape it, it
+// writes the status itself, as Caddy's server would, and returns nil:
+// Caddy's error path would otherwise encode the whole request into each
+// of the process's log outputs for its error log (a debug-level line for a
+// 4xx, so seldom written), which cost a flood of made-up keys more than
+// twice what a valid request costs in a process with ten log outputs.
+// Outside a Caddy server (no server in the context) it returns the error.
+func fail(w http.ResponseWriter, r *http.Request, status int, err error) error {
+	if srv, ok := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok && srv != nil &&
+		(srv.Errors == nil || len(srv.Errors.Routes) == 0) {
+		w.WriteHeader(status)
+		return nil
+	}
+	return handlerError(status, err)
 }
 
 // handlerError is caddyhttp.Error(status, err) with a fixed trace. Caddy
@@ -613,7 +631,7 @@ func (h *Handler) reject(w http.ResponseWriter, r *http.Request, repl *caddy.Rep
 		setLogField(extra, zap.Object("api_key", obj))
 	}
 	setChallenge(w.Header(), challenge)
-	return handlerError(http.StatusUnauthorized, err)
+	return fail(w, r, http.StatusUnauthorized, err)
 }
 
 // The access log's api_key field, per outcome. logOK is a conversion of

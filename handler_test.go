@@ -96,16 +96,24 @@ func (w *testWriter) Header() http.Header         { return w.hdr }
 func (w *testWriter) Write(b []byte) (int, error) { return len(b), nil }
 func (w *testWriter) WriteHeader(status int)      { w.status = status }
 
-var testServer = &caddyhttp.Server{}
+// testServer has an error route (handle_errors), so that the handler
+// returns its refusals as errors, which the unit tests check; without
+// one it writes them itself (TestRefusedWithoutErrorRoutes).
+var testServer = &caddyhttp.Server{Errors: &caddyhttp.HTTPErrorConfig{Routes: caddyhttp.RouteList{{}}}}
 
 func prepare(target string, header http.Header) prepared {
+	return prepareOn(testServer, target, header)
+}
+
+// prepareOn is prepare for a request to the server srv.
+func prepareOn(srv *caddyhttp.Server, target string, header http.Header) prepared {
 	r := httptest.NewRequest(http.MethodGet, target, nil)
 	for k, v := range header {
 		r.Header[k] = v
 	}
 	w := &testWriter{hdr: make(http.Header)}
 	repl := caddy.NewReplacer()
-	r = caddyhttp.PrepareRequest(r, repl, w, testServer)
+	r = caddyhttp.PrepareRequest(r, repl, w, srv)
 	extra := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields)
 	return prepared{r: r, w: w, repl: repl, extra: extra}
 }
@@ -960,5 +968,70 @@ func TestUnknownKeysNotCachedInMemoryStores(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestRefusedWithoutErrorRoutes checks both ways a refusal ends: on a
+// server without error routes the handler writes the status itself and
+// returns nil; on one with handle_errors it returns the error and writes
+// nothing. Headers, outcome and log field are the same either way, and
+// the request is never handed on.
+func TestRefusedWithoutErrorRoutes(t *testing.T) {
+	h := newTestHandler(t, &Handler{Keys: []InlineKey{{ID: "alpha", Key: testKeyA}}, Rate: "1/1m", MaxFailures: "off"})
+	// Spend alpha's one request, so that the next is over the limit.
+	if p := prepare("/", http.Header{"X-Api-Key": {testKeyA}}); h.ServeHTTP(p.w, p.r, &nextRecorder{}) != nil || p.w.status != 0 {
+		t.Fatal("alpha's first request refused")
+	}
+	for _, tc := range []struct {
+		name    string
+		hdr     http.Header
+		status  int
+		outcome string
+		header  string // a header the refusal sets
+	}{
+		{"missing", nil, http.StatusUnauthorized, outcomeMissing, "Www-Authenticate"},
+		{"invalid", http.Header{"X-Api-Key": {"nope"}}, http.StatusUnauthorized, outcomeInvalid, "Www-Authenticate"},
+		{"malformed", http.Header{"X-Api-Key": {"bad\x01"}}, http.StatusUnauthorized, outcomeInvalid, "Www-Authenticate"},
+		{"rate limited", http.Header{"X-Api-Key": {testKeyA}}, http.StatusTooManyRequests, outcomeRateLimited, "Retry-After"},
+	} {
+		for _, withRoutes := range []bool{false, true} {
+			srv := &caddyhttp.Server{}
+			if withRoutes {
+				srv = testServer
+			}
+			t.Run(fmt.Sprintf("%s/error routes %v", tc.name, withRoutes), func(t *testing.T) {
+				p := prepareOn(srv, "/", tc.hdr)
+				next := &nextRecorder{}
+				err := h.ServeHTTP(p.w, p.r, next)
+				if withRoutes {
+					var he caddyhttp.HandlerError
+					if !errorsAs(err, &he) || he.StatusCode != tc.status {
+						t.Fatalf("err = %v, want a HandlerError %d", err, tc.status)
+					}
+					if p.w.status != 0 {
+						t.Errorf("status %d written; handle_errors should write it", p.w.status)
+					}
+				} else {
+					if err != nil {
+						t.Fatalf("err = %v, want nil (the status written)", err)
+					}
+					if p.w.status != tc.status {
+						t.Errorf("status written %d, want %d", p.w.status, tc.status)
+					}
+				}
+				if next.calls.Load() != 0 {
+					t.Error("the request was handed on")
+				}
+				if p.w.hdr.Get(tc.header) == "" {
+					t.Errorf("no %s header", tc.header)
+				}
+				if got := logFieldOf(t, p)["outcome"]; got != tc.outcome {
+					t.Errorf("log field outcome %v, want %s", got, tc.outcome)
+				}
+				if got := p.repl.ReplaceAll("{http.api_key.outcome}", ""); got != tc.outcome {
+					t.Errorf("{http.api_key.outcome} = %q, want %s", got, tc.outcome)
+				}
+			})
+		}
 	}
 }

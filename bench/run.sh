@@ -8,25 +8,26 @@
 # to a file; 1k keys with a declared prefix), a Redis, and nginx (plain
 # empty_gif; map $http_x_api_key + limit_req keyed by the mapped id, 1k and
 # 1M keys; plain and 1k keys again with a JSON access log). Drives each
-# with wrk in alternating rounds with a Zipf-like mix of 10,000 valid keys,
-# and prints the medians of req/s, p50 and p99, the server CPU per request,
-# and each site's ratio to its reference measured in the same run; also
+# with wrk with a Zipf-like mix of 10,000 valid keys, each site in pairs of
+# runs back to back with its reference (plain Caddy, say), and prints the
+# medians of req/s, p50 and p99, the server CPU per request, and each
+# site's ratio to its reference: the median of the pairs' ratios. Also
 # invalid-key floods (random keys; random keys in a declared prefix's
 # format). Then: a reload of the 1M keys file under load, and the 1M set's
 # load time and resident memory.
 #
 #   bench/run.sh [--smoke] [--rounds N] [--secs S]
 #
-# --smoke: one round of 2 s per site (about 2.5 minutes in all). Default: 3
-# rounds of 6 s (under 10 minutes). Needs wrk, redis-server; nginx rows are
+# --smoke: one pair of 1-s runs per site (about 2 minutes in all). Default:
+# 5 pairs of 2-s runs (under 10 minutes). Needs wrk, redis-server; nginx rows are
 # skipped without nginx. Nothing fails on a number: this script measures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-rounds=3 secs=6 smoke=0
+rounds=5 secs=2 smoke=0
 while [ $# -gt 0 ]; do
 	case $1 in
-	--smoke) smoke=1 rounds=1 secs=2 ;;
+	--smoke) smoke=1 rounds=1 secs=1 ;;
 	--rounds) rounds=$2; shift ;;
 	--secs) secs=$2; shift ;;
 	*) echo "usage: bench/run.sh [--smoke] [--rounds N] [--secs S]" >&2; exit 2 ;;
@@ -313,39 +314,55 @@ drive() {
 	echo "$rps $p50 $p99 $reqs $bad $((c1 - c0))"
 }
 
-declare -A res
-say "driving ${#rows[@]} rows: $rounds round(s) of ${secs} s, wrk -t1 -c$conns"
-order=("${rows[@]}")
+# Each row runs in pairs with its reference, back to back, and its ratio
+# is the median of the pairs' ratios: a shared machine's load drifts over
+# minutes, and two runs seconds apart see nearly the same. Within a round
+# the pairs go one way and the order in a pair alternates (reference first
+# in odd rounds); the next round goes the other way round. A reference
+# runs once per pair it is in, so it has the most runs.
+declare -A res pairs
+say "driving ${#rows[@]} rows in pairs with their references: $rounds round(s) of ${secs} s per run, wrk -t1 -c$conns"
+order=()
+for row in "${rows[@]}"; do [ "${ref[$row]}" = "$row" ] || order+=("$row"); done
 for r in $(seq "$rounds"); do
 	for row in "${order[@]}"; do
-		res[$row]+="$(drive "$row" "$secs")"$'\n'
+		rf=${ref[$row]}
+		if ((r % 2)); then
+			a=$(drive "$rf" "$secs"); b=$(drive "$row" "$secs")
+		else
+			b=$(drive "$row" "$secs"); a=$(drive "$rf" "$secs")
+		fi
+		res[$rf]+="$a"$'\n' res[$row]+="$b"$'\n'
+		pairs[$row]+="$(awk -v x="${b%% *}" -v y="${a%% *}" 'BEGIN {printf "%.4f", (y > 0) ? x / y : 0}')"$'\n'
 	done
-	# Alternate: the next round goes the other way round.
 	for ((i = 0, j = ${#order[@]} - 1; i < j; i++, j--)); do t=${order[i]}; order[i]=${order[j]}; order[j]=$t; done
 	say "round $r done"
 done
 
 med() { sort -n | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
 col() { awk -v c="$2" 'NF {print $c}' <<<"${res[$1]}"; }
-declare -A mrps
-for row in "${rows[@]}"; do mrps[$row]=$(col "$row" 1 | med); done
 
 echo
 echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo); $(date -u +%Y-%m-%d); $(go version | cut -d' ' -f3)"
-echo "wrk -t1 -c$conns, $rounds round(s) of ${secs} s, alternating; medians. CPU: server µs per request (Caddy + Redis, or all nginx processes)."
-echo "Ratio: to the row's reference in the same run (plain for no log, plain+log with a log, k1k for invalid keys, prefixed for invalid-prefixed, nginx or nginx+log for nginx rows)."
+echo "wrk -t1 -c$conns, runs of ${secs} s, each row in $rounds pair(s) with its reference; req/s, p50, p99: medians of the row's runs. CPU: server µs per request over all its runs (Caddy + Redis, or all nginx processes)."
+echo "Ratio: median of the row's req/s over its reference's in each pair, the pairs' lowest and highest beside it (reference: plain for no log, plain+log with a log, k1k for invalid keys, prefixed for invalid-prefixed, nginx or nginx+log for nginx rows)."
 echo
-printf '| %-18s | %9s | %7s | %7s | %8s | %6s | %-9s | %6s |\n' site 'req/s' 'p50 µs' 'p99 µs' 'CPU µs' 'errors' ref ratio
-printf '| %s | %s: | %s: | %s: | %s: | %s: | %s | %s: |\n' ----------------- -------- ------ ------ ------- ----- --------- -----
+printf '| %-18s | %9s | %7s | %7s | %8s | %6s | %-9s | %6s | %-13s |\n' site 'req/s' 'p50 µs' 'p99 µs' 'CPU µs' 'errors' ref ratio 'pairs'
+printf '| %s | %s: | %s: | %s: | %s: | %s: | %s | %s: | %s |\n' ----------------- -------- ------ ------ ------- ----- --------- ----- -------------
 for row in "${rows[@]}"; do
-	p50=$(col "$row" 2 | med) p99=$(col "$row" 3 | med)
+	rps=$(col "$row" 1 | med) p50=$(col "$row" 2 | med) p99=$(col "$row" 3 | med)
 	reqs=$(col "$row" 4 | awk '{s += $1} END {print s}')
 	bad=$(col "$row" 5 | awk '{s += $1} END {print s}')
 	ticks=$(col "$row" 6 | awk '{s += $1} END {print s}')
 	cpu=$(awk -v t="$ticks" -v n="$reqs" -v hz="$hz" 'BEGIN {printf "%.1f", t / hz * 1e6 / n}')
-	ratio=$(awk -v a="${mrps[$row]}" -v b="${mrps[${ref[$row]}]}" 'BEGIN {printf "%.3f", a / b}')
+	if [ "${ref[$row]}" = "$row" ]; then
+		ratio=1.000 span="reference"
+	else
+		ratio=$(awk 'NF' <<<"${pairs[$row]}" | med | awk '{printf "%.3f", $1}')
+		span=$(awk 'NF' <<<"${pairs[$row]}" | sort -n | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%.3f–%.3f", lo, hi}')
+	fi
 	case $row in invalid*) ;; *) [ "$bad" = 0 ] || bad="$bad!" ;; esac
-	printf '| %-18s | %9.0f | %7s | %7s | %8s | %6s | %-9s | %6s |\n' "$row" "${mrps[$row]}" "$p50" "$p99" "$cpu" "$bad" "${ref[$row]}" "$ratio"
+	printf '| %-18s | %9.0f | %7s | %7s | %8s | %6s | %-9s | %6s | %-13s |\n' "$row" "$rps" "$p50" "$p99" "$cpu" "$bad" "${ref[$row]}" "$ratio" "$span"
 done
 
 # --- Reload of the 1M keys file under load: a steady run, then a run
