@@ -9,8 +9,9 @@ import (
 	"github.com/dgraph-io/ristretto/v2"
 )
 
-// keyCache remembers recent lookups by key digest, found (positive) and
-// not found (negative), so that a repeated key costs one cache read.
+// keyCache remembers recent lookups by key digest, found (positive) and,
+// for lookups in Redis, not found (negative), so that a repeated key costs
+// one cache read.
 //
 // Invariants:
 //   - It is keyed by the first 8 bytes of the SHA-256 digest, never by a

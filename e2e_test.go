@@ -1332,3 +1332,24 @@ func TestE2EMetrics(t *testing.T) {
 		}
 	}
 }
+
+// TestE2ENegativeTTLWarning checks that a negative_ttl that does nothing
+// (keys in memory, where unknown keys are not cached) is warned about at
+// start-up, and that the handler serves as usual.
+func TestE2ENegativeTTLWarning(t *testing.T) {
+	type warning struct {
+		Level  string `json:"level"`
+		Logger string `json:"logger"`
+		Msg    string `json:"msg"`
+	}
+	c := e2eStart(t, "api_key {\n\tkey one "+e2eKey1+"\n\tcache {\n\t\tnegative_ttl 5s\n\t}\n}\nrespond ok")
+	w := e2eWaitLog(t, c.errorLog, "the negative_ttl warning", func(w warning) bool {
+		return strings.HasPrefix(w.Msg, "cache negative_ttl has no effect")
+	})
+	if w.Level != "warn" || w.Logger != "http.handlers.api_key" {
+		t.Errorf("warning = %+v, want level warn from http.handlers.api_key", w)
+	}
+	if res := c.get(t, "/", bearer(e2eKey1)); res.status != http.StatusOK {
+		t.Errorf("status %d, want 200", res.status)
+	}
+}

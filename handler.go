@@ -418,8 +418,8 @@ func quotaName(rec *keyRecord) string {
 }
 
 // find returns the record of the key with this digest, or nil. It asks the
-// cache first and remembers what the key set (or Redis) answered; an error
-// is a lookup in Redis that failed, which is not remembered. *now is the
+// cache first and remembers a key found, and a key Redis did not find; an
+// error is a lookup in Redis that failed, which is not remembered. *now is the
 // request's monoNow reading; a lookup in Redis reads the clock again.
 func (h *Handler) find(r *http.Request, digest *[32]byte, now *int64) (*keyRecord, error) {
 	var set *keySet

@@ -961,11 +961,13 @@ func TestUnknownKeysNotCachedInMemoryStores(t *testing.T) {
 			if hits() != 1 || misses() != 3 {
 				t.Errorf("cache hits %v, misses %v; want 1 (the found key, again), 3", hits(), misses())
 			}
+			var gen uint64
+			if h.keysFile != nil {
+				gen = h.keysFile.set.Load().gen
+			}
 			unknown := sha256.Sum256([]byte("unknown-key"))
-			for gen := range uint64(4) {
-				if _, ok := h.cache.get(&unknown, gen, monoNow()); ok {
-					t.Errorf("the unknown key is cached (generation %d)", gen)
-				}
+			if _, ok := h.cache.get(&unknown, gen, monoNow()); ok {
+				t.Error("the unknown key is cached")
 			}
 		})
 	}

@@ -181,7 +181,9 @@ func (h *Handler) countOutcomeAt(outcome string, rec *keyRecord, now int64) {
 	c := v.(prometheus.Counter)
 	c.Inc()
 	if ok && k.id == rec.id {
-		u.okSeries.Store(&keySeries{id: rec.id, c: c})
+		// The first id kept stays: a key with another id on another site
+		// takes this slower way, rather than replacing it on every turn.
+		u.okSeries.CompareAndSwap(nil, &keySeries{id: rec.id, c: c})
 	}
 }
 

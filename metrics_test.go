@@ -59,7 +59,7 @@ func TestMetricsCount(t *testing.T) {
 		{"X-Api-Key": {testKeyA}}, {"X-Api-Key": {testKeyA}}, {"X-Api-Key": {testKeyA}}, // ok, ok, 429
 		nil,                        // missing
 		{"X-Api-Key": {"nope"}},    // invalid (a miss)
-		{"X-Api-Key": {"nope"}},    // invalid (a negative hit)
+		{"X-Api-Key": {"nope"}},    // invalid (a miss again: keys in memory)
 		{"X-Api-Key": {"bad\x01"}}, // invalid, no lookup
 	} {
 		p := prepare("/", hdr)
@@ -117,6 +117,17 @@ func TestMetricsPerKeyCap(t *testing.T) {
 	send(h)
 	if one() != 3 || other() != 4 {
 		t.Errorf("after the same key as pk-1b: pk-1 %v, other %v; want 3, 4", one(), other())
+	}
+
+	// A key counted as "other" keeps no series: under a handler with room
+	// for its id, it gets its own.
+	h3 := newTestHandler(t, &Handler{Keys: keys, Metrics: &MetricsConfig{PerKey: true, MaxKeys: int(seen) + 3}})
+	p := prepare("/", http.Header{"X-Api-Key": {"per-key-3"}})
+	if err := h3.ServeHTTP(p.w, p.r, &nextRecorder{}); err != nil {
+		t.Fatal(err)
+	}
+	if three() != 1 || other() != 4 {
+		t.Errorf("pk-3 under a higher cap: pk-3 %v, other %v; want 1, 4", three(), other())
 	}
 }
 

@@ -221,8 +221,10 @@ type CacheConfig struct {
 	// TTL is how long a found key is cached. Default: 5m.
 	TTL caddy.Duration `json:"ttl,omitempty"`
 
-	// NegativeTTL is how long a key that was not found is cached.
-	// Default: 30s.
+	// NegativeTTL is how long a key that was not found is cached. Only
+	// with store redis: with the keys in memory (a keys file, inline
+	// keys) an unknown key is looked up again, which costs less than
+	// remembering it. Default: 30s.
 	NegativeTTL caddy.Duration `json:"negative_ttl,omitempty"`
 }
 
@@ -276,6 +278,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.sources = append(h.sources, src)
 	}
 	h.warnLoggedSources()
+	h.warnIdleSettings()
 
 	h.inline = make(map[[32]byte]*keyRecord, len(h.Keys))
 	ids := make(map[string]bool, len(h.Keys))
@@ -695,6 +698,14 @@ func (h *Handler) warnLoggedSources() {
 		}
 		h.logger.Warn("API keys sent this way appear in access logs unless a log filter removes them; see the README, Keeping keys out of logs",
 			zap.String("source", s.String()), zap.String("log_filter_field", field))
+	}
+}
+
+// warnIdleSettings warns about settings that do nothing in this
+// configuration.
+func (h *Handler) warnIdleSettings() {
+	if h.Cache != nil && h.Cache.NegativeTTL != 0 && h.Store != "redis" {
+		h.logger.Warn("cache negative_ttl has no effect without store redis: with the keys in memory, unknown keys are not cached")
 	}
 }
 

@@ -972,8 +972,8 @@ func TestQuotaAndRateLimitSpendNothingOnRefusal(t *testing.T) {
 }
 
 // TestPrefixFormatCheck checks that a key carrying a declared prefix but
-// failing its checksum is refused without a lookup (the cache learns
-// nothing of it), while well-formed keys and keys of no declared prefix
+// failing its checksum is refused without a lookup (the cache is never
+// asked), while well-formed keys and keys of no declared prefix
 // are looked up as usual, whatever the order of overlapping prefixes.
 func TestPrefixFormatCheck(t *testing.T) {
 	live, err := keyformat.Generate("sk_live")

@@ -34,6 +34,7 @@ while [ $# -gt 0 ]; do
 	esac
 	shift
 done
+[[ $rounds =~ ^[1-9][0-9]*$ && $secs =~ ^[1-9][0-9]*$ ]] || { echo "--rounds and --secs take a whole number from 1" >&2; exit 2; }
 for c in wrk redis-server curl; do
 	command -v $c >/dev/null || { echo "$c not found (apt-get install -y $c)" >&2; exit 1; }
 done
@@ -95,9 +96,8 @@ cat >"$work/random.lua" <<'LUA'
 -- random.lua: an invalid-key flood. wrk sends random keys, PREFIX then 38
 -- random characters, from 200,000 requests formatted once in init (as
 -- zipf.lua does, so that the client spends no more per request than on
--- the valid rows). 200,000 is twice the default cache size: a key comes
--- round again only after 199,999 others, and the negative cache cannot
--- keep them all.
+-- the valid rows). A key comes round again only after 199,999 others
+-- (with a keys file, unknown keys are not cached at all).
 local chars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 local prefix = os.getenv("PREFIX") or "rnd-"
 local reqs, n, N = {}, 0, 200000
@@ -194,12 +194,15 @@ add_site redis-keys 18112 "api_key {
 	}"
 {
 	printf '{\n\tadmin off\n\tpersist_config off\n}\n'
+	# The access logs do not roll: Caddy gzips a rolled file (every 100
+	# MiB) in its own process, a second or two of CPU that would land on
+	# whichever row runs then.
 	for s in "${sites[@]}"; do
 		for lg in 0 1; do
 			p=$((port[$s] + lg))
 			printf 'http://127.0.0.1:%d {\n' "$p"
 			[ -n "${body[$s]}" ] && printf '\t%s\n' "${body[$s]//PORT/$p}"
-			[ $lg = 1 ] && printf '\tlog {\n\t\toutput file %s/access-%d.log\n\t\tformat json\n\t}\n' "$work" "$p"
+			[ $lg = 1 ] && printf '\tlog {\n\t\toutput file %s/access-%d.log {\n\t\t\troll_disabled\n\t\t}\n\t\tformat json\n\t}\n' "$work" "$p"
 			printf '\trespond "ok"\n}\n'
 		done
 	done
@@ -316,18 +319,19 @@ drive() {
 
 # Each row runs in pairs with its reference, back to back, and its ratio
 # is the median of the pairs' ratios: a shared machine's load drifts over
-# minutes, and two runs seconds apart see nearly the same. Within a round
-# the pairs go one way and the order in a pair alternates (reference first
-# in odd rounds); the next round goes the other way round. A reference
-# runs once per pair it is in, so it has the most runs.
+# minutes, and two runs seconds apart see nearly the same. The reference
+# goes first in every other pair, and from round to round each pair swaps
+# its order; the next round also takes the rows the other way round. A
+# reference runs once per pair it is in, so it has the most runs.
 declare -A res pairs
 say "driving ${#rows[@]} rows in pairs with their references: $rounds round(s) of ${secs} s per run, wrk -t1 -c$conns"
 order=()
 for row in "${rows[@]}"; do [ "${ref[$row]}" = "$row" ] || order+=("$row"); done
 for r in $(seq "$rounds"); do
+	k=0
 	for row in "${order[@]}"; do
-		rf=${ref[$row]}
-		if ((r % 2)); then
+		rf=${ref[$row]} k=$((k + 1))
+		if (((r + k) % 2)); then
 			a=$(drive "$rf" "$secs"); b=$(drive "$row" "$secs")
 		else
 			b=$(drive "$row" "$secs"); a=$(drive "$rf" "$secs")
@@ -400,7 +404,6 @@ one_site() { # keysfile port -> prints "seconds rss_kb"
 kill "$caddy_pid"; wait "$caddy_pid" 2>/dev/null || true
 read -r t1k r1k <<<"$(one_site "$work/keys1k.json" 18300)"
 read -r t1m r1m <<<"$(one_site "$work/keys1m-b.json" 18301)"
-ms=$(grep -m1 -o '"keys file loaded".*' "$work/one.log")
 echo "Start to first 200: 1k keys ${t1k} s, 1M keys ${t1m} s (includes process start; the 1M file is $(($(stat -c %s "$work/keys1m-b.json") / 1048576)) MiB)."
 echo "RSS: 1k keys $((r1k / 1024)) MiB, 1M keys $((r1m / 1024)) MiB: $(awk -v a="$r1k" -v b="$r1m" 'BEGIN {printf "%.0f", (b - a) * 1024 / 999001}') B per key (RSS includes garbage not yet returned to the OS)."
 say "done"
