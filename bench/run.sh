@@ -2,10 +2,11 @@
 # run.sh: issue 6's end-to-end performance suite, in one run.
 #
 # Builds cmd/caddy and bench/genkeys, writes keys files of 1,000 and
-# 1,000,000 keys, starts one Caddy with a site per configuration (plain
+# 1,000,000 keys, starts Caddy with a site per configuration (plain
 # respond; api_key with 1k keys, 1M keys, 1M keys + rate, + rate, + quota,
 # + Redis counters, + Redis keys; each without and with a JSON access log
-# to a file; 1k keys with a declared prefix), a Redis, and nginx (plain
+# to a file; 1k keys with a declared prefix; the 1M-key sites, with a
+# plain site of their own, in a second Caddy process), a Redis, and nginx (plain
 # empty_gif; map $http_x_api_key + limit_req keyed by the mapped id, 1k and
 # 1M keys; plain and 1k keys again with a JSON access log). Drives each
 # with wrk with a Zipf-like mix of 10,000 valid keys, each site in pairs of
@@ -143,13 +144,21 @@ for _ in $(seq 50); do redis-cli -p $redis_port ping >/dev/null 2>&1 && break; s
 	{ cat "$work/import.log" >&2; exit 1; }
 say "redis: $(tail -1 "$work/import.log")"
 
-# --- One Caddy, a site per configuration. name port directives...
+# --- Two Caddy processes, a site per configuration: the sites with the 1M
+# keys in one (with a plain site of its own, their reference), the others
+# in the other. The collector marks a process's whole heap every cycle; in
+# one process the million keys' marking (a fifth of the CPU) would land on
+# whichever row runs during a cycle, and 2-s runs get one cycle or none.
+# name port directives...
 sites=() declare -A port body
 add_site() { sites+=("$1"); port[$1]=$2; body[$1]=$3; }
+# in1m site: whether the site is served by the 1M-key process.
+in1m() { case $1 in k1m* | plain1m) return 0 ;; esac; return 1; }
 rcfg="redis {
 			address 127.0.0.1:$redis_port
 		}"
 add_site plain 18100 ''
+add_site plain1m 18118 ''
 add_site k1k 18102 "api_key {
 		max_failures off
 		keys_file $work/keys1k.json
@@ -192,12 +201,15 @@ add_site redis-keys 18112 "api_key {
 		store redis
 		$rcfg
 	}"
-{
+# caddyfile 0|1: the Caddyfile of the sites without (0) or with (1) the
+# 1M keys.
+caddyfile() {
 	printf '{\n\tadmin off\n\tpersist_config off\n}\n'
 	# The access logs do not roll: Caddy gzips a rolled file (every 100
 	# MiB) in its own process, a second or two of CPU that would land on
 	# whichever row runs then.
 	for s in "${sites[@]}"; do
+		if in1m "$s"; then [ "$1" = 1 ] || continue; else [ "$1" = 0 ] || continue; fi
 		for lg in 0 1; do
 			p=$((port[$s] + lg))
 			printf 'http://127.0.0.1:%d {\n' "$p"
@@ -206,14 +218,18 @@ add_site redis-keys 18112 "api_key {
 			printf '\trespond "ok"\n}\n'
 		done
 	done
-} >"$work/Caddyfile"
+}
+caddyfile 0 >"$work/Caddyfile"
+caddyfile 1 >"$work/Caddyfile1m"
 
-say "starting caddy (loads 1M keys)"
+say "starting caddy, and a second caddy with the 1M keys"
 "$work/caddy" run --config "$work/Caddyfile" >"$work/caddy.log" 2>&1 &
 caddy_pid=$!; pids+=("$caddy_pid")
+"$work/caddy" run --config "$work/Caddyfile1m" >"$work/caddy1m.log" 2>&1 &
+caddy1m_pid=$!; pids+=("$caddy1m_pid")
 key0="X-API-Key: $(head -1 "$work/plain.txt")"
 for s in "${sites[@]}"; do wait_for "http://127.0.0.1:${port[$s]}/" "$key0"; wait_for "http://127.0.0.1:$((port[$s] + 1))/" "$key0"; done
-say "caddy ready, RSS $(($(rss_kb $caddy_pid) / 1024)) MiB"
+say "caddy ready, RSS $(($(rss_kb $caddy_pid) / 1024)) MiB; with the 1M keys $(($(rss_kb $caddy1m_pid) / 1024)) MiB"
 
 # --- nginx: plain, and map + limit_req with 1k keys; 1M keys in a second
 # instance, so that a slow or failed load leaves the first one running.
@@ -277,11 +293,12 @@ fi
 rows=() declare -A url script keysf cpupids ref
 add_row() { rows+=("$1"); url[$1]=$2; script[$1]=$3; keysf[$1]=$4; cpupids[$1]=$5; ref[$1]=$6; }
 for s in "${sites[@]}"; do
-	kf=$work/plain.txt; case $s in k1m*) kf=$work/plain1m.txt ;; esac
-	add_row "$s" "http://127.0.0.1:${port[$s]}/" zipf "$kf" "$caddy_pid $redis_pid" plain
+	kf=$work/plain.txt cpu="$caddy_pid $redis_pid" rf=plain
+	if in1m "$s"; then kf=$work/plain1m.txt cpu=$caddy1m_pid rf=plain1m; fi
+	add_row "$s" "http://127.0.0.1:${port[$s]}/" zipf "$kf" "$cpu" $rf
 	# prefixed is there as the reference of invalid-prefixed only.
 	[ "$s" = prefixed ] && continue
-	add_row "$s+log" "http://127.0.0.1:$((port[$s] + 1))/" zipf "$kf" "$caddy_pid $redis_pid" plain+log
+	add_row "$s+log" "http://127.0.0.1:$((port[$s] + 1))/" zipf "$kf" "$cpu" $rf+log
 done
 add_row invalid "http://127.0.0.1:${port[k1k]}/" random "$work/plain.txt" "$caddy_pid $redis_pid" k1k
 # Made-up keys in the format of a declared prefix: the checksum turns them
@@ -349,10 +366,10 @@ col() { awk -v c="$2" 'NF {print $c}' <<<"${res[$1]}"; }
 echo
 echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo); $(date -u +%Y-%m-%d); $(go version | cut -d' ' -f3)"
 echo "wrk -t1 -c$conns, runs of ${secs} s, each row in $rounds pair(s) with its reference; req/s, p50, p99: medians of the row's runs. CPU: server µs per request over all its runs (Caddy + Redis, or all nginx processes)."
-echo "Ratio: median of the row's req/s over its reference's in each pair, the pairs' lowest and highest beside it (reference: plain for no log, plain+log with a log, k1k for invalid keys, prefixed for invalid-prefixed, nginx or nginx+log for nginx rows)."
+echo "Ratio: median of the row's req/s over its reference's in each pair, the pairs' lowest and highest beside it (reference: plain for no log, plain+log with a log, plain1m and plain1m+log for the 1M-key rows (the same site in their process), k1k for invalid keys, prefixed for invalid-prefixed, nginx or nginx+log for nginx rows)."
 echo
-printf '| %-18s | %9s | %7s | %7s | %8s | %6s | %-9s | %6s | %-13s |\n' site 'req/s' 'p50 µs' 'p99 µs' 'CPU µs' 'errors' ref ratio 'pairs'
-printf '| %s | %s: | %s: | %s: | %s: | %s: | %s | %s: | %s |\n' ----------------- -------- ------ ------ ------- ----- --------- ----- -------------
+printf '| %-18s | %9s | %7s | %7s | %8s | %6s | %-11s | %6s | %-13s |\n' site 'req/s' 'p50 µs' 'p99 µs' 'CPU µs' 'errors' ref ratio 'pairs'
+printf '| %s | %s: | %s: | %s: | %s: | %s: | %s | %s: | %s |\n' ----------------- -------- ------ ------ ------- ----- ----------- ----- -------------
 for row in "${rows[@]}"; do
 	rps=$(col "$row" 1 | med) p50=$(col "$row" 2 | med) p99=$(col "$row" 3 | med)
 	reqs=$(col "$row" 4 | awk '{s += $1} END {print s}')
@@ -366,7 +383,7 @@ for row in "${rows[@]}"; do
 		span=$(awk 'NF' <<<"${pairs[$row]}" | sort -n | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%.3f–%.3f", lo, hi}')
 	fi
 	case $row in invalid*) ;; *) [ "$bad" = 0 ] || bad="$bad!" ;; esac
-	printf '| %-18s | %9.0f | %7s | %7s | %8s | %6s | %-9s | %6s | %-13s |\n' "$row" "$rps" "$p50" "$p99" "$cpu" "$bad" "${ref[$row]}" "$ratio" "$span"
+	printf '| %-18s | %9.0f | %7s | %7s | %8s | %6s | %-11s | %6s | %-13s |\n' "$row" "$rps" "$p50" "$p99" "$cpu" "$bad" "${ref[$row]}" "$ratio" "$span"
 done
 
 # --- Reload of the 1M keys file under load: a steady run, then a run
@@ -374,13 +391,13 @@ done
 say "reload under load"
 rsecs=$((smoke ? 6 : 20))
 steady=$(drive k1m "$rsecs")
-loaded_before=$(grep -c 'keys file reloaded' "$work/caddy.log" || true)
+loaded_before=$(grep -c 'keys file reloaded' "$work/caddy1m.log" || true)
 (sleep $((rsecs / 3)); cp "$work/keys1m-b.json" "$work/keys1m.tmp" && mv "$work/keys1m.tmp" "$work/keys1m.json") &
 during=$(drive k1m "$rsecs")
 wait $!
 # A reload that outlasts the run still counts; wait for it.
-for _ in $(seq 60); do [ "$(grep -c 'keys file reloaded' "$work/caddy.log" || true)" -gt "$loaded_before" ] && break; sleep 0.5; done
-reloads=$(($(grep -c 'keys file reloaded' "$work/caddy.log" || true) - loaded_before))
+for _ in $(seq 60); do [ "$(grep -c 'keys file reloaded' "$work/caddy1m.log" || true)" -gt "$loaded_before" ] && break; sleep 0.5; done
+reloads=$(($(grep -c 'keys file reloaded' "$work/caddy1m.log" || true) - loaded_before))
 read -r _ _ sp99 _ _ _ <<<"$steady"
 read -r drps _ dp99 dreqs dbad _ <<<"$during"
 echo
@@ -401,7 +418,7 @@ one_site() { # keysfile port -> prints "seconds rss_kb"
 	echo "$(awk -v a="$s" -v b="$e" 'BEGIN {printf "%.2f", b - a}') $(rss_kb $p)"
 	kill $p; wait $p 2>/dev/null || true
 }
-kill "$caddy_pid"; wait "$caddy_pid" 2>/dev/null || true
+kill "$caddy_pid" "$caddy1m_pid"; wait "$caddy_pid" "$caddy1m_pid" 2>/dev/null || true
 read -r t1k r1k <<<"$(one_site "$work/keys1k.json" 18300)"
 read -r t1m r1m <<<"$(one_site "$work/keys1m-b.json" 18301)"
 echo "Start to first 200: 1k keys ${t1k} s, 1M keys ${t1m} s (includes process start; the 1M file is $(($(stat -c %s "$work/keys1m-b.json") / 1048576)) MiB)."
