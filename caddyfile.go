@@ -67,6 +67,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			negative_ttl <duration>
 //		}
 //		realm <name>
+//		refusals auto | errors
 //		pass_key
 //	}
 //
@@ -229,7 +230,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			h.Prefixes = append(h.Prefixes, p)
 
-		case "store", "limits", "on_store_error", "on_limiter_error":
+		case "store", "limits", "on_store_error", "on_limiter_error", "refusals":
 			if err := once(name); err != nil {
 				return err
 			}
@@ -242,6 +243,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				"limits":           {"local", "redis"},
 				"on_store_error":   {storeErrorDeny, storeErrorAllowCached},
 				"on_limiter_error": {limiterErrorLocal, limiterErrorAllow, limiterErrorDeny},
+				"refusals":         {refusalsAuto, refusalsErrors},
 			}[name]
 			if !slices.Contains(allowed, val) {
 				return d.Errf("%s %q: want %s", name, val, strings.Join(allowed, " or "))
@@ -258,6 +260,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				h.OnStoreError = val
 			case "on_limiter_error":
 				h.OnLimiterError = val
+			case "refusals":
+				h.Refusals = val
 			}
 
 		case "metrics":

@@ -214,6 +214,7 @@ func printCaddyfile(h *Handler) (string, error) {
 		p.line(1, "}")
 	}
 	p.opt(1, "realm", h.Realm)
+	p.opt(1, "refusals", h.Refusals)
 	if h.PassKey {
 		p.line(1, "pass_key")
 	}
@@ -334,6 +335,7 @@ func TestPrintCaddyfileEveryField(t *testing.T) {
 		Metrics:        &MetricsConfig{PerKey: true, MaxKeys: 10},
 		Cache:          &CacheConfig{Size: 7, TTL: caddy.Duration(90 * time.Second), NegativeTTL: caddy.Duration(36 * time.Hour)},
 		Realm:          "my api",
+		Refusals:       "errors",
 		PassKey:        true,
 	}
 	checkEveryFieldSet(t, reflect.ValueOf(h), "Handler")

@@ -167,6 +167,14 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			}},
 		},
 		{
+			name: "refusals errors",
+			input: `api_key {
+				keys_file keys.json
+				refusals errors
+			}`,
+			want: Handler{KeysFile: "keys.json", Refusals: "errors"},
+		},
+		{
 			name: "cache block with one setting",
 			input: `api_key {
 				keys_file keys.json
@@ -911,6 +919,18 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 			line:  3,
 		},
 		{
+			name:  "refusals unknown",
+			input: "api_key {\n\tkeys_file k.json\n\trefusals write\n}",
+			want:  `refusals "write": want auto or errors`,
+			line:  3,
+		},
+		{
+			name:  "refusals twice",
+			input: "api_key {\n\tkeys_file k.json\n\trefusals auto\n\trefusals errors\n}",
+			want:  `refusals`,
+			line:  4,
+		},
+		{
 			name:  "on_limiter_error unknown",
 			input: "api_key {\n\tkeys_file k.json\n\ton_limiter_error retry\n}",
 			want:  `on_limiter_error "retry": want local or allow or deny`,
@@ -1255,6 +1275,7 @@ func TestValidateRedisSettings(t *testing.T) {
 		{"bad limits", Handler{KeysFile: "k.json", Limits: "x"}, `limits "x"`},
 		{"bad on_store_error", Handler{KeysFile: "k.json", OnStoreError: "allow"}, `on_store_error "allow"`},
 		{"bad on_limiter_error", Handler{KeysFile: "k.json", OnLimiterError: "retry"}, `on_limiter_error "retry"`},
+		{"bad refusals", Handler{KeysFile: "k.json", Refusals: "write"}, `refusals "write": want auto or errors`},
 		{"no keys at all", Handler{Redis: &RedisConfig{}}, "no keys"},
 	}
 	for _, tt := range tests {

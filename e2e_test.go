@@ -1353,3 +1353,41 @@ func TestE2ENegativeTTLWarning(t *testing.T) {
 		t.Errorf("status %d, want 200", res.status)
 	}
 }
+
+// TestE2ERefusalsAndIntercept checks what the README says of refusals
+// and the handlers around api_key: with refusals auto on a server without
+// handle_errors, the refusal is a response, which an intercept around
+// api_key may handle; with refusals errors it is an error, which intercept
+// passes up, and the client gets Caddy's empty 401.
+func TestE2ERefusalsAndIntercept(t *testing.T) {
+	for _, tc := range []struct {
+		refusals string
+		status   int
+		body     string
+	}{
+		{"auto", http.StatusOK, "intercepted"},
+		{"errors", http.StatusUnauthorized, ""},
+	} {
+		t.Run(tc.refusals, func(t *testing.T) {
+			c := e2eStart(t, `intercept {
+	@refused status 4xx
+	handle_response @refused {
+		respond "intercepted"
+	}
+}
+handle {
+	api_key {
+		key one `+e2eKey1+`
+		refusals `+tc.refusals+`
+	}
+	respond "ok"
+}`)
+			if res := c.get(t, "/", nil); res.status != tc.status || res.body != tc.body {
+				t.Errorf("no key: %d %q, want %d %q", res.status, res.body, tc.status, tc.body)
+			}
+			if res := c.get(t, "/", bearer(e2eKey1)); res.status != http.StatusOK || res.body != "ok" {
+				t.Errorf("valid key: %d %q, want 200 \"ok\"", res.status, res.body)
+			}
+		})
+	}
+}

@@ -273,7 +273,7 @@ func (h *Handler) storeUnavailable(w http.ResponseWriter, r *http.Request, repl 
 	}
 	setChallenge(w.Header(), h.challengeMiss)
 	w.Header().Set("Retry-After", "1")
-	return fail(w, r, http.StatusUnauthorized, errStoreUnavailable)
+	return h.fail(w, r, http.StatusUnauthorized, errStoreUnavailable)
 }
 
 // refuse answers a request made with a known key that may not pass: the
@@ -301,7 +301,7 @@ func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, repl *caddy.Rep
 			repl.Set("http.api_key.restriction", restriction)
 		}
 	}
-	return fail(w, r, status, err)
+	return h.fail(w, r, status, err)
 }
 
 // checkFormat reports whether key is well formed for every declared prefix
@@ -367,7 +367,7 @@ func (h *Handler) tooManyFailures(w http.ResponseWriter, r *http.Request, repl *
 		setLogField(extra, zap.Object("api_key", logTooManyFailures))
 	}
 	w.Header().Set("Retry-After", strconv.FormatInt(max(1, ratelimit.CeilSeconds(retry)), 10))
-	return fail(w, r, http.StatusTooManyRequests, errTooManyFailures)
+	return h.fail(w, r, http.StatusTooManyRequests, errTooManyFailures)
 }
 
 // fail ends a refused request, whose headers are set. On a server with
@@ -378,8 +378,12 @@ func (h *Handler) tooManyFailures(w http.ResponseWriter, r *http.Request, repl *
 // of the process's log outputs for its error log (a debug-level line for a
 // 4xx, so seldom written), which cost a flood of made-up keys more than
 // twice what a valid request costs in a process with ten log outputs.
-// Outside a Caddy server (no server in the context) it returns the error.
-func fail(w http.ResponseWriter, r *http.Request, status int, err error) error {
+// Outside a Caddy server (no server in the context), and with refusals
+// errors, it always returns the error.
+func (h *Handler) fail(w http.ResponseWriter, r *http.Request, status int, err error) error {
+	if h.Refusals == refusalsErrors {
+		return handlerError(status, err)
+	}
 	if srv, ok := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok && srv != nil &&
 		(srv.Errors == nil || len(srv.Errors.Routes) == 0) {
 		w.WriteHeader(status)
@@ -631,7 +635,7 @@ func (h *Handler) reject(w http.ResponseWriter, r *http.Request, repl *caddy.Rep
 		setLogField(extra, zap.Object("api_key", obj))
 	}
 	setChallenge(w.Header(), challenge)
-	return fail(w, r, http.StatusUnauthorized, err)
+	return h.fail(w, r, http.StatusUnauthorized, err)
 }
 
 // The access log's api_key field, per outcome. logOK is a conversion of

@@ -974,58 +974,77 @@ func TestUnknownKeysNotCachedInMemoryStores(t *testing.T) {
 }
 
 // TestRefusedWithoutErrorRoutes checks both ways a refusal ends: on a
-// server without error routes the handler writes the status itself and
-// returns nil; on one with handle_errors it returns the error and writes
-// nothing. Headers, outcome and log field are the same either way, and
-// the request is never handed on.
+// server without error routes the handler writes the status itself, with
+// no body, and returns nil; on one with handle_errors, and with refusals
+// errors on any server, it returns the error and writes nothing. The
+// headers, outcome and log field are the same every way, and the request
+// is never handed on.
 func TestRefusedWithoutErrorRoutes(t *testing.T) {
-	h := newTestHandler(t, &Handler{Keys: []InlineKey{{ID: "alpha", Key: testKeyA}}, Rate: "1/1m", MaxFailures: "off"})
-	// Spend alpha's one request, so that the next is over the limit.
-	if p := prepare("/", http.Header{"X-Api-Key": {testKeyA}}); h.ServeHTTP(p.w, p.r, &nextRecorder{}) != nil || p.w.status != 0 {
+	keys := []InlineKey{{ID: "alpha", Key: testKeyA}}
+	autoH := newTestHandler(t, &Handler{Keys: keys, Rate: "1/1m", MaxFailures: "off"})
+	errorsH := newTestHandler(t, &Handler{Keys: keys, Rate: "1/1m", MaxFailures: "off", Refusals: "errors"})
+	// alpha's one request is spent (both handlers share the limiter), so
+	// that its next is over the limit.
+	if p := prepare("/", http.Header{"X-Api-Key": {testKeyA}}); autoH.ServeHTTP(p.w, p.r, &nextRecorder{}) != nil || p.w.status != 0 {
 		t.Fatal("alpha's first request refused")
 	}
+	noRoutes := &caddyhttp.Server{}
 	for _, tc := range []struct {
 		name    string
 		hdr     http.Header
 		status  int
 		outcome string
-		header  string // a header the refusal sets
 	}{
-		{"missing", nil, http.StatusUnauthorized, outcomeMissing, "Www-Authenticate"},
-		{"invalid", http.Header{"X-Api-Key": {"nope"}}, http.StatusUnauthorized, outcomeInvalid, "Www-Authenticate"},
-		{"malformed", http.Header{"X-Api-Key": {"bad\x01"}}, http.StatusUnauthorized, outcomeInvalid, "Www-Authenticate"},
-		{"rate limited", http.Header{"X-Api-Key": {testKeyA}}, http.StatusTooManyRequests, outcomeRateLimited, "Retry-After"},
+		{"missing", nil, http.StatusUnauthorized, outcomeMissing},
+		{"invalid", http.Header{"X-Api-Key": {"nope"}}, http.StatusUnauthorized, outcomeInvalid},
+		{"malformed", http.Header{"X-Api-Key": {"bad\x01"}}, http.StatusUnauthorized, outcomeInvalid},
+		{"rate limited", http.Header{"X-Api-Key": {testKeyA}}, http.StatusTooManyRequests, outcomeRateLimited},
 	} {
-		for _, withRoutes := range []bool{false, true} {
-			srv := &caddyhttp.Server{}
-			if withRoutes {
-				srv = testServer
-			}
-			t.Run(fmt.Sprintf("%s/error routes %v", tc.name, withRoutes), func(t *testing.T) {
-				p := prepareOn(srv, "/", tc.hdr)
+		var written http.Header // the headers of the written refusal
+		for _, mode := range []struct {
+			name    string
+			h       *Handler
+			srv     *caddyhttp.Server
+			written bool
+		}{
+			{"auto, no error routes", autoH, noRoutes, true},
+			{"auto, error routes", autoH, testServer, false},
+			{"errors, no error routes", errorsH, noRoutes, false},
+		} {
+			t.Run(tc.name+"/"+mode.name, func(t *testing.T) {
+				p := prepareOn(mode.srv, "/", tc.hdr)
+				w := &bodyWriter{testWriter: p.w}
 				next := &nextRecorder{}
-				err := h.ServeHTTP(p.w, p.r, next)
-				if withRoutes {
+				err := mode.h.ServeHTTP(w, p.r, next)
+				if mode.written {
+					if err != nil {
+						t.Fatalf("err = %v, want nil (the status written)", err)
+					}
+					if p.w.status != tc.status || w.body.Len() != 0 {
+						t.Errorf("written: status %d, body %q; want %d, no body", p.w.status, w.body.String(), tc.status)
+					}
+					written = p.w.hdr.Clone()
+				} else {
 					var he caddyhttp.HandlerError
 					if !errorsAs(err, &he) || he.StatusCode != tc.status {
 						t.Fatalf("err = %v, want a HandlerError %d", err, tc.status)
 					}
-					if p.w.status != 0 {
-						t.Errorf("status %d written; handle_errors should write it", p.w.status)
+					if p.w.status != 0 || w.body.Len() != 0 {
+						t.Errorf("status %d and %d bytes written; handle_errors should write them", p.w.status, w.body.Len())
 					}
-				} else {
-					if err != nil {
-						t.Fatalf("err = %v, want nil (the status written)", err)
+					if !reflect.DeepEqual(p.w.hdr, written) {
+						t.Errorf("headers %v, want those of the written refusal %v", p.w.hdr, written)
 					}
-					if p.w.status != tc.status {
-						t.Errorf("status written %d, want %d", p.w.status, tc.status)
-					}
+				}
+				want := "Www-Authenticate"
+				if tc.status == http.StatusTooManyRequests {
+					want = "Retry-After"
+				}
+				if p.w.hdr.Get(want) == "" {
+					t.Errorf("no %s header", want)
 				}
 				if next.calls.Load() != 0 {
 					t.Error("the request was handed on")
-				}
-				if p.w.hdr.Get(tc.header) == "" {
-					t.Errorf("no %s header", tc.header)
 				}
 				if got := logFieldOf(t, p)["outcome"]; got != tc.outcome {
 					t.Errorf("log field outcome %v, want %s", got, tc.outcome)
@@ -1037,3 +1056,11 @@ func TestRefusedWithoutErrorRoutes(t *testing.T) {
 		}
 	}
 }
+
+// bodyWriter is a testWriter that keeps what is written.
+type bodyWriter struct {
+	*testWriter
+	body bytes.Buffer
+}
+
+func (w *bodyWriter) Write(b []byte) (int, error) { return w.body.Write(b) }

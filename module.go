@@ -146,6 +146,16 @@ type Handler struct {
 	// response. Default: api.
 	Realm string `json:"realm,omitempty"`
 
+	// Refusals says how a refused request (401, 403, 429, 503) ends. auto:
+	// on a server with error routes (handle_errors) the refusal is
+	// returned as an error, for them to shape; on a server without, the
+	// handler writes the status itself, sparing Caddy's error path (which
+	// encodes the whole request into every log output for its error log).
+	// errors: always returned as an error, as for a handle_errors that
+	// the server does not show, such as a JSON subroute's own errors
+	// routes. Default: auto.
+	Refusals string `json:"refusals,omitempty"`
+
 	// PassKey keeps the key in the request handed to the next handler (for
 	// example a backend behind reverse_proxy that reads it too). By
 	// default the key is removed: the header, the query parameter or the
@@ -234,6 +244,8 @@ const (
 	defaultCacheTTL    = 5 * time.Minute
 	defaultNegativeTTL = 30 * time.Second
 	defaultRealm       = "api"
+	refusalsAuto       = "auto"
+	refusalsErrors     = "errors"
 )
 
 // CaddyModule returns the Caddy module information.
@@ -734,6 +746,11 @@ func (h *Handler) Validate() error {
 		}
 	default:
 		return fmt.Errorf("limits %q: want local or redis", h.Limits)
+	}
+	switch h.Refusals {
+	case "", refusalsAuto, refusalsErrors:
+	default:
+		return fmt.Errorf("refusals %q: want auto or errors", h.Refusals)
 	}
 	switch h.OnStoreError {
 	case "", storeErrorDeny, storeErrorAllowCached:
