@@ -146,7 +146,7 @@ type Handler struct {
 	// response. Default: api.
 	Realm string `json:"realm,omitempty"`
 
-	// Refusals says how a refused request (401, 403, 429, 503) ends. auto:
+	// Refusals says how a refused request (401, 403, 429) ends. auto:
 	// on a server with error routes (handle_errors) the refusal is
 	// returned as an error, for them to shape; on a server without, the
 	// handler writes the status itself, sparing Caddy's error path (which
