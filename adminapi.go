@@ -92,6 +92,9 @@ type keyUsage struct {
 	// its id as the label, so that an admitted request finds it without
 	// two sync.Map lookups (see countOutcomeAt).
 	okSeries atomic.Pointer[keySeries]
+	// limit is the key's rate-limit state, once found, so that a
+	// request finds it without the limiter's map (see limiter.decide).
+	limit atomic.Pointer[limitState]
 }
 
 // keySeries is a per-key counter and the key id it is labelled with.

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -171,14 +172,26 @@ func BenchmarkServeHTTPMiss(b *testing.B) {
 	runServeHTTP(b, h, benchRequests(1, func(int) http.Header { return http.Header{"X-Api-Key": {testKeyA}} }), false)
 }
 
-// BenchmarkLimiterDecide is one limiter decision alone.
+// BenchmarkLimiterDecide is one limiter decision alone: with the key's
+// state held from the request before, as the request path holds it on the
+// key's usage record, and found in the limiter's map.
 func BenchmarkLimiterDecide(b *testing.B) {
-	l := newLimiter(monoNow)
 	h := newTestHandler(b, &Handler{Keys: []InlineKey{{ID: "alpha", Key: testKeyA}}, Rate: "1000000000/1s"})
 	digest := sha256.Sum256([]byte(testKeyA))
-	b.ReportAllocs()
-	for b.Loop() {
-		l.decide(&digest, h.defaultLimit, 0)
+	for _, tc := range []struct {
+		name string
+		held *atomic.Pointer[limitState]
+	}{{"held", new(atomic.Pointer[limitState])}, {"map", nil}} {
+		b.Run(tc.name, func(b *testing.B) {
+			// As on the request path: no clock of its own, the
+			// request's reading handed in.
+			l := newLimiter(nil)
+			now := monoNow()
+			b.ReportAllocs()
+			for b.Loop() {
+				l.decide(tc.held, &digest, h.defaultLimit, now)
+			}
+		})
 	}
 }
 

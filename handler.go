@@ -165,7 +165,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		}
 	}
 	if !lim.IsZero() {
-		if d.rate = h.limiter.decide(&rec.digest, lim, now); !d.rate.Allowed {
+		if d.rate = h.limiter.decide(&usageOf(rec).limit, &rec.digest, lim, now); !d.rate.Allowed {
 			d.over = outcomeRateLimited
 			return h.answer(w, r, next, repl, rec, pol, d, q, degraded, now)
 		}

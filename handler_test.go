@@ -378,7 +378,7 @@ func TestLimiterSweep(t *testing.T) {
 	digests := make([][32]byte, 1000)
 	for i := range digests {
 		digests[i] = sha256.Sum256([]byte(fmt.Sprint("key-", i)))
-		l.decide(&digests[i], lim, 0)
+		l.decide(nil, &digests[i], lim, 0)
 	}
 	if got := l.len(); got != 1000 {
 		t.Fatalf("states = %d, want 1000", got)
@@ -387,7 +387,7 @@ func TestLimiterSweep(t *testing.T) {
 		t.Fatalf("sweep dropped %d busy states, want 0", got)
 	}
 	clock.advance(499 * time.Millisecond)
-	l.decide(&digests[1], lim, 0) // busy again: must survive the sweep
+	l.decide(nil, &digests[1], lim, 0) // busy again: must survive the sweep
 	clock.advance(2 * time.Millisecond)
 	if got := l.sweep(); got != 999 {
 		t.Fatalf("sweep dropped %d, want 999", got)
@@ -405,19 +405,132 @@ func TestLimiterStateKeyedByLimit(t *testing.T) {
 	b := ratelimit.Limit{Count: 2, Period: time.Minute, Burst: 2}
 	k := sha256.Sum256([]byte("k"))
 	other := sha256.Sum256([]byte("other"))
-	if !l.decide(&k, a, 0).Allowed || l.decide(&k, a, 0).Allowed {
+	if !l.decide(nil, &k, a, 0).Allowed || l.decide(nil, &k, a, 0).Allowed {
 		t.Fatal("1/1m should admit one request")
 	}
 	// A changed limit starts afresh; the unchanged one keeps its state.
-	if !l.decide(&k, b, 0).Allowed {
+	if !l.decide(nil, &k, b, 0).Allowed {
 		t.Error("a new limit for the key should start with a full burst")
 	}
-	if l.decide(&k, a, 0).Allowed {
+	if l.decide(nil, &k, a, 0).Allowed {
 		t.Error("the old limit's state was lost")
 	}
 	// Another key, even one with the same id elsewhere, has its own.
-	if !l.decide(&other, a, 0).Allowed {
+	if !l.decide(nil, &other, a, 0).Allowed {
 		t.Error("another key shared the first key's state")
+	}
+}
+
+// TestLimiterHeldState checks the state a caller keeps between requests:
+// it is the map's state, it is not used for another limit or limiter, and
+// once swept it is replaced by the map's new one, never kept apart from it.
+func TestLimiterHeldState(t *testing.T) {
+	clock := &fakeClock{}
+	clock.advance(time.Hour)
+	l := newLimiter(clock.now)
+	a := ratelimit.Limit{Count: 2, Period: time.Minute, Burst: 2}
+	b := ratelimit.Limit{Count: 5, Period: time.Minute, Burst: 5}
+	k := sha256.Sum256([]byte("k"))
+	var held atomic.Pointer[limitState]
+
+	// Held or looked up, a request counts on the one state.
+	if d := l.decide(&held, &k, a, 0); !d.Allowed || d.Remaining != 1 {
+		t.Fatalf("first = %+v, want allowed with 1 left", d)
+	}
+	if held.Load() == nil {
+		t.Fatal("decide kept no state")
+	}
+	if d := l.decide(nil, &k, a, 0); !d.Allowed || d.Remaining != 0 {
+		t.Fatalf("second, by the map = %+v, want allowed with 0 left", d)
+	}
+	if d := l.decide(&held, &k, a, 0); d.Allowed {
+		t.Fatalf("third, held = %+v, want denied", d)
+	}
+
+	// Another limit has its own state, and the first keeps its count.
+	if d := l.decide(&held, &k, b, 0); !d.Allowed || d.Remaining != 4 {
+		t.Fatalf("other limit = %+v, want allowed with 4 left", d)
+	}
+	if d := l.decide(&held, &k, a, 0); d.Allowed {
+		t.Fatalf("first limit again = %+v, want still denied", d)
+	}
+
+	// Another limiter does not take this one's state.
+	other := newLimiter(clock.now)
+	if d := other.decide(&held, &k, a, 0); !d.Allowed || d.Remaining != 1 {
+		t.Fatalf("other limiter = %+v, want a fresh state", d)
+	}
+	if held.Load().owner != other {
+		t.Fatal("held state not replaced by the other limiter's")
+	}
+
+	// Swept while held: the held state is dead, and the next request
+	// counts on the map's new state, which a lookup by the map shares.
+	l.decide(&held, &k, a, 0)
+	swept := held.Load()
+	clock.advance(time.Hour)
+	if got := l.sweep(); got != 2 {
+		t.Fatalf("sweep dropped %d, want 2", got)
+	}
+	if swept.tat.Load() != deadTAT {
+		t.Fatal("swept state not marked dead")
+	}
+	if d := l.decide(&held, &k, a, 0); !d.Allowed || d.Remaining != 1 {
+		t.Fatalf("after sweep = %+v, want a full burst less one", d)
+	}
+	if held.Load() == swept {
+		t.Fatal("the dead state is still held")
+	}
+	if d := l.decide(nil, &k, a, 0); !d.Allowed || d.Remaining != 0 {
+		t.Fatalf("by the map after sweep = %+v, want the held state's count", d)
+	}
+	if got := l.len(); got != 1 {
+		t.Fatalf("states = %d, want 1", got)
+	}
+}
+
+// TestLimiterConcurrentSweeps decides one key's requests from many
+// goroutines, some through a held state and some by the map, while sweeps
+// run and the clock moves in steps that let some sweeps drop the state:
+// in every step exactly the burst is admitted.
+func TestLimiterConcurrentSweeps(t *testing.T) {
+	clock := &fakeClock{}
+	clock.advance(time.Hour)
+	l := newLimiter(clock.now)
+	lim := ratelimit.Limit{Count: 50, Period: time.Hour, Burst: 50}
+	k := sha256.Sum256([]byte("k"))
+	var held atomic.Pointer[limitState]
+	for step := range 20 {
+		// Each step starts with the burst back: the state is idle.
+		clock.advance(2 * time.Hour)
+		var admitted atomic.Int64
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		for g := range 8 {
+			wg.Go(func() {
+				<-start
+				for i := range 40 {
+					p := &held
+					if (g+i)%2 == 0 {
+						p = nil
+					}
+					if l.decide(p, &k, lim, 0).Allowed {
+						admitted.Add(1)
+					}
+				}
+			})
+		}
+		wg.Go(func() {
+			<-start
+			for range 20 {
+				l.sweep()
+			}
+		})
+		close(start)
+		wg.Wait()
+		if got := admitted.Load(); got != 50 {
+			t.Fatalf("step %d: admitted %d, want 50", step, got)
+		}
 	}
 }
 
@@ -728,7 +841,7 @@ func TestLimiterSweeper(t *testing.T) {
 	l.startSweeper(5 * time.Millisecond)
 	lim := ratelimit.Limit{Count: 1, Period: time.Second, Burst: 1}
 	d := sha256.Sum256([]byte("k"))
-	l.decide(&d, lim, 0)
+	l.decide(nil, &d, lim, 0)
 	time.Sleep(30 * time.Millisecond)
 	if got := l.len(); got != 1 {
 		t.Fatalf("a busy state was swept: %d states", got)

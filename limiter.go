@@ -1,8 +1,10 @@
 package apikey
 
 import (
+	"math"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -22,11 +24,12 @@ var limiterSweepInterval = time.Minute
 
 const limiterShards = 64
 
-// limiter keeps one GCRA state (an int64) per key and limit. A decision
-// reads and writes the state under its shard's lock, so concurrent requests
-// with one key are counted exactly. States are keyed by the key's digest,
-// not its id: ids are unique only within one keys file or site, and two
-// keys that share an id must not share a limit.
+// limiter keeps one GCRA state (a theoretical arrival time) per key and
+// limit. A decision updates its state with a compare-and-swap, so
+// concurrent requests with one key are counted exactly without a lock; the
+// shard locks guard only the maps that find a state. States are keyed by
+// the key's digest, not its id: ids are unique only within one keys file
+// or site, and two keys that share an id must not share a limit.
 type limiter struct {
 	shards [limiterShards]limiterShard
 	clock  func() int64
@@ -37,17 +40,32 @@ type limiter struct {
 
 type limiterShard struct {
 	mu   sync.Mutex
-	tats map[bucketKey]*int64
+	tats map[bucketKey]*limitState
 	_    [48]byte // keep shards on separate cache lines
 }
 
 // bucketKey is what a state belongs to: a key and its limit. A key whose
 // limit changes starts afresh; one whose limit is unchanged keeps its state.
 type bucketKey struct {
-	digest   [32]byte
-	interval time.Duration
-	burst    int64
+	digest [32]byte
+	lim    ratelimit.Limit
 }
+
+// limitState is one key's state under one limit. The request path may
+// keep a pointer to it (see decide), so that a known key finds its state
+// without the map and its lock; the state names its limiter and limit, so
+// that such a pointer is only used for what it belongs to.
+type limitState struct {
+	tat   atomic.Int64 // deadTAT once swept
+	owner *limiter
+	lim   ratelimit.Limit
+	gcra  ratelimit.GCRA // lim's, worked out once
+}
+
+// deadTAT marks a state that sweep has dropped from its map: whoever
+// still holds it looks the key up again, and so finds (or makes) the one
+// state the map now has.
+const deadTAT = math.MinInt64
 
 // processStart anchors monoNow.
 var processStart = time.Now()
@@ -68,7 +86,7 @@ func wallTime(mono int64) time.Time { return time.Now().Add(-time.Duration(monoN
 func newLimiter(clock func() int64) *limiter {
 	l := &limiter{clock: clock, stop: make(chan struct{})}
 	for i := range l.shards {
-		l.shards[i].tats = make(map[bucketKey]*int64)
+		l.shards[i].tats = make(map[bucketKey]*limitState)
 	}
 	return l
 }
@@ -93,27 +111,61 @@ func (l *limiter) startSweeper(every time.Duration) {
 
 // decide counts one request by the key with this digest against lim, at
 // now (a monoNow reading) unless the limiter has a clock of its own.
-func (l *limiter) decide(digest *[32]byte, lim ratelimit.Limit, now int64) ratelimit.Decision {
+//
+// held, if not nil, is where the caller keeps the key's state between
+// requests (a key's usage record, one per digest): a state found there
+// that belongs to this limiter and limit is used without the map;
+// otherwise the one from the map is, and held is set to it.
+func (l *limiter) decide(held *atomic.Pointer[limitState], digest *[32]byte, lim ratelimit.Limit, now int64) ratelimit.Decision {
 	if l.clock != nil {
 		now = l.clock()
 	}
-	k := bucketKey{digest: *digest, interval: lim.Interval(), burst: lim.Burst}
+	var st *limitState
+	if held != nil {
+		st = held.Load()
+	}
+	for {
+		if st == nil || st.owner != l || st.lim != lim {
+			st = l.state(digest, lim)
+			if held != nil {
+				held.Store(st)
+			}
+		}
+		tat := st.tat.Load()
+		if tat == deadTAT {
+			st = nil // swept since it was found: look again
+			continue
+		}
+		next, d := st.gcra.Decide(tat, now)
+		// A denial leaves the state as it is.
+		if !d.Allowed || st.tat.CompareAndSwap(tat, next) {
+			return d
+		}
+		// Another request with this key came first: decide again.
+	}
+}
+
+// state returns the state of the key with this digest under lim, made if
+// there is none.
+func (l *limiter) state(digest *[32]byte, lim ratelimit.Limit) *limitState {
+	k := bucketKey{digest: *digest, lim: lim}
 	// The digest is uniformly random, so any byte of it picks a shard.
 	s := &l.shards[digest[31]%limiterShards]
 	s.mu.Lock()
-	tat := s.tats[k]
-	if tat == nil {
-		tat = new(int64)
-		s.tats[k] = tat
+	st := s.tats[k]
+	if st == nil {
+		st = &limitState{owner: l, lim: lim, gcra: lim.GCRA()}
+		s.tats[k] = st
 	}
-	var d ratelimit.Decision
-	*tat, d = lim.Decide(*tat, now)
 	s.mu.Unlock()
-	return d
+	return st
 }
 
 // sweep drops every state whose key is back at its full burst: such a
-// state decides the next request exactly as a missing one would.
+// state decides the next request exactly as a missing one would. A
+// dropped state is marked dead in the same compare-and-swap that checks
+// it is idle, so a request that decides on it at that moment either comes
+// first (and the state stays) or sees it dead and looks again.
 func (l *limiter) sweep() int {
 	now := monoNow()
 	if l.clock != nil {
@@ -123,8 +175,8 @@ func (l *limiter) sweep() int {
 	for i := range l.shards {
 		s := &l.shards[i]
 		s.mu.Lock()
-		for k, tat := range s.tats {
-			if *tat <= now {
+		for k, st := range s.tats {
+			if tat := st.tat.Load(); tat <= now && st.tat.CompareAndSwap(tat, deadTAT) {
 				delete(s.tats, k)
 				dropped++
 			}

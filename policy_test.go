@@ -965,7 +965,7 @@ func TestQuotaAndRateLimitSpendNothingOnRefusal(t *testing.T) {
 			polServe(t, h, polReq{key: testKeyA}).check(t, polWant{status: http.StatusTooManyRequests, outcome: outcomeQuotaExceeded, id: "alpha"})
 		}
 		rec := polInlineRecord(t, h, testKeyA)
-		if d := h.limiter.decide(&rec.digest, h.defaultLimit, 0); !d.Allowed || d.Remaining != 0 {
+		if d := h.limiter.decide(nil, &rec.digest, h.defaultLimit, 0); !d.Allowed || d.Remaining != 0 {
 			t.Errorf("rate limit after one admitted request = %+v, want the second of two tokens still there", d)
 		}
 	})

@@ -111,6 +111,19 @@ type Decision struct {
 // GCRA: each request pushes tat one interval into the future; a request is
 // allowed while tat stays within burst intervals of now.
 func (l Limit) Decide(tat, now int64) (int64, Decision) {
+	return l.GCRA().Decide(tat, now)
+}
+
+// GCRA is a Limit's arithmetic, worked out once: the time one request's
+// allowance takes to come back and the window a burst spans. Deciding with
+// it spares a request two of Decide's three divisions.
+type GCRA struct {
+	interval int64
+	window   int64
+}
+
+// GCRA works out l's arithmetic. l must not be zero.
+func (l Limit) GCRA() GCRA {
 	interval := int64(l.Interval())
 	// The window is burst intervals, capped far beyond any real limit
 	// (146 years) so that a huge burst cannot overflow it.
@@ -118,21 +131,26 @@ func (l Limit) Decide(tat, now int64) (int64, Decision) {
 	if l.Burst < window/interval {
 		window = interval * l.Burst
 	}
+	return GCRA{interval: interval, window: window}
+}
+
+// Decide is Limit.Decide for the limit g was worked out from.
+func (g GCRA) Decide(tat, now int64) (int64, Decision) {
 	if tat < now {
 		tat = now
 	}
-	next := tat + interval
-	if next-now > window {
+	next := tat + g.interval
+	if next-now > g.window {
 		// Denied: tat stays; the next request fits once next-window is past.
 		return tat, Decision{
 			Remaining:  0,
 			Reset:      time.Duration(tat - now),
-			RetryAfter: time.Duration(next - window - now),
+			RetryAfter: time.Duration(next - g.window - now),
 		}
 	}
 	return next, Decision{
 		Allowed:   true,
-		Remaining: (window - (next - now)) / interval,
+		Remaining: (g.window - (next - now)) / g.interval,
 		Reset:     time.Duration(next - now),
 	}
 }
