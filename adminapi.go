@@ -224,7 +224,7 @@ func (h *Handler) records(ctx context.Context) ([]sourcedRecord, error) {
 		out = append(out, sourcedRecord{rec, "config"})
 	}
 	if h.keysFile != nil {
-		for _, rec := range h.keysFile.set.Load().byDigest {
+		for _, rec := range h.keysFile.set.Load().all() {
 			out = append(out, sourcedRecord{rec, "keys_file"})
 		}
 	}

@@ -296,8 +296,8 @@ func BenchmarkLoadKeysFile1M(b *testing.B) {
 			b.Fatal(err)
 		}
 		b.StopTimer()
-		if len(set.byDigest) != n {
-			b.Fatalf("loaded %d keys, want %d", len(set.byDigest), n)
+		if set.len() != n {
+			b.Fatalf("loaded %d keys, want %d", set.len(), n)
 		}
 		runtime.GC()
 		runtime.ReadMemStats(&ms)
@@ -339,8 +339,8 @@ func BenchmarkReloadKeysFile1M(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		if len(set.byDigest) != 1_000_001 || added != 1 || removed != 0 {
-			b.Fatalf("reloaded %d keys, %d added, %d removed; want 1000001, 1, 0", len(set.byDigest), added, removed)
+		if set.len() != 1_000_001 || added != 1 || removed != 0 {
+			b.Fatalf("reloaded %d keys, %d added, %d removed; want 1000001, 1, 0", set.len(), added, removed)
 		}
 	}
 }

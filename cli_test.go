@@ -148,12 +148,12 @@ func cliLoad(t *testing.T, path string) *keySet {
 // there.
 func cliRecord(t *testing.T, set *keySet, id string) *keyRecord {
 	t.Helper()
-	for _, rec := range set.byDigest {
+	for _, rec := range set.all() {
 		if rec.id == id {
 			return rec
 		}
 	}
-	t.Fatalf("no key with id %q among %d", id, len(set.byDigest))
+	t.Fatalf("no key with id %q among %d", id, set.len())
 	return nil
 }
 
@@ -457,8 +457,8 @@ func TestCLIGenerateKeysFile(t *testing.T) {
 			t.Errorf("mode after append = %#o, want the original 0640", mode)
 		}
 		set := cliLoad(t, path)
-		if len(set.byDigest) != 4 {
-			t.Errorf("server loads %d keys, want 4", len(set.byDigest))
+		if set.len() != 4 {
+			t.Errorf("server loads %d keys, want 4", set.len())
 		}
 		rec := cliRecord(t, set, "delta")
 		if want := sha256.Sum256([]byte(key)); rec.digest != want {
@@ -681,10 +681,10 @@ func TestCLIStateCommands(t *testing.T) {
 
 			set := cliLoad(t, path)
 			if tt.removed {
-				if len(set.byDigest) != 2 {
-					t.Errorf("server loads %d keys after remove, want 2", len(set.byDigest))
+				if set.len() != 2 {
+					t.Errorf("server loads %d keys after remove, want 2", set.len())
 				}
-				for _, rec := range set.byDigest {
+				for _, rec := range set.all() {
 					if rec.id == "bravo" {
 						t.Errorf("bravo is still loaded after remove")
 					}

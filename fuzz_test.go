@@ -383,11 +383,11 @@ func FuzzParseKeysFile(f *testing.F) {
 		if err != nil {
 			t.Fatalf("rewritten file does not parse: %v", err)
 		}
-		if len(again.byDigest) != len(set.byDigest) {
-			t.Fatalf("rewritten file has %d keys, want %d", len(again.byDigest), len(set.byDigest))
+		if again.len() != set.len() {
+			t.Fatalf("rewritten file has %d keys, want %d", again.len(), set.len())
 		}
-		for d, rec := range set.byDigest {
-			other := again.byDigest[d]
+		for d, rec := range set.all() {
+			other := again.get(&d)
 			if other == nil {
 				t.Fatalf("key %q lost in the rewritten file", rec.id)
 			}
@@ -404,7 +404,7 @@ func FuzzParseKeysFile(f *testing.F) {
 func checkKeySet(t *testing.T, set *keySet) {
 	t.Helper()
 	seen := make(map[string]bool)
-	for d, rec := range set.byDigest {
+	for d, rec := range set.all() {
 		if err := checkID(rec.id); err != nil {
 			t.Fatalf("record id %q: %v", rec.id, err)
 		}
@@ -451,7 +451,7 @@ func checkKeySet(t *testing.T, set *keySet) {
 func rewriteKeysFile(t *testing.T, set *keySet) []byte {
 	t.Helper()
 	entries := []keyFileEntry{}
-	for _, rec := range set.byDigest {
+	for _, rec := range set.all() {
 		e := keyFileEntry{
 			ID:       rec.id,
 			Hash:     "sha256:" + hex.EncodeToString(rec.digest[:]),

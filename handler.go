@@ -444,7 +444,7 @@ func (h *Handler) find(r *http.Request, digest *[32]byte, now *int64) (*keyRecor
 	if rec == nil && set != nil {
 		// A key on a plan this site does not define is refused here;
 		// loading the file logged it.
-		if rec = set.byDigest[*digest]; rec != nil && rec.plan != "" && h.plans[rec.plan] == nil {
+		if rec = set.get(digest); rec != nil && rec.plan != "" && h.plans[rec.plan] == nil {
 			rec = nil
 		}
 	}

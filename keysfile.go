@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"iter"
 	"maps"
 	"math"
 	"os"
@@ -193,15 +194,24 @@ func (rec *keyRecord) replace(key string) (any, bool) {
 // new generation, which is how cached lookups from an older set are told
 // apart and ignored.
 type keySet struct {
-	byDigest map[[32]byte]*keyRecord
+	byDigest digestIndex
 	gen      uint64
 }
 
 var setGeneration atomic.Uint64
 
 func newKeySet(n int) *keySet {
-	return &keySet{byDigest: make(map[[32]byte]*keyRecord, n), gen: setGeneration.Add(1)}
+	return &keySet{byDigest: newDigestIndex(n), gen: setGeneration.Add(1)}
 }
+
+// get returns the key with digest d, nil if the set has none.
+func (s *keySet) get(d *[32]byte) *keyRecord { return s.byDigest.get(d) }
+
+// len is the number of keys in the set.
+func (s *keySet) len() int { return s.byDigest.len() }
+
+// all yields every key of the set with its digest, in no particular order.
+func (s *keySet) all() iter.Seq2[[32]byte, *keyRecord] { return s.byDigest.all() }
 
 // keyFileEntry is one entry of a keys file as it is written.
 type keyFileEntry struct {
@@ -244,7 +254,7 @@ func reparseKeysFile(data []byte, old *keySet) (set *keySet, added, removed int,
 		}
 	}
 	if old != nil {
-		added, removed = len(set.byDigest)-a.kept, len(old.byDigest)-a.kept
+		added, removed = set.len()-a.kept, old.len()-a.kept
 	}
 	return set, added, removed, nil
 }
@@ -321,11 +331,10 @@ func decodeKeysFile(data []byte, a *recordAlloc) (*keySet, error) {
 			if j, dup := byID[rec.id]; dup {
 				return nil, fmt.Errorf("keys[%d]%s: duplicate id (also keys[%d])", i, idLabel(e.ID), j)
 			}
-			if other, dup := set.byDigest[rec.digest]; dup {
+			if other := set.byDigest.add(rec); other != nil {
 				return nil, fmt.Errorf("keys[%d]%s: duplicate hash (same as keys[%d], id %q)", i, idLabel(e.ID), byID[other.id], other.id)
 			}
 			byID[rec.id] = i
-			set.byDigest[rec.digest] = rec
 		}
 		if err := expectDelim(']', `"]" closing "keys"`); err != nil {
 			return nil, err
@@ -531,7 +540,7 @@ func (a *recordAlloc) previous(rec *keyRecord) *keyRecord {
 	if a == nil || a.old == nil {
 		return nil
 	}
-	old := a.old.byDigest[rec.digest]
+	old := a.old.get(&rec.digest)
 	if old == nil {
 		return nil
 	}
@@ -809,9 +818,9 @@ func openKeysFile(path string, logger *zap.Logger) (*keysFile, error) {
 		checks: make(map[*Handler]func(*keySet) error)}
 	kf.logger.Store(logger)
 	kf.set.Store(set)
-	logger.Info("keys file loaded", zap.String("file", path), zap.Int("keys", len(set.byDigest)))
+	logger.Info("keys file loaded", zap.String("file", path), zap.Int("keys", set.len()))
 	apiKeyMetrics.once.Do(initMetrics)
-	apiKeyMetrics.keysLoaded.WithLabelValues(path).Set(float64(len(set.byDigest)))
+	apiKeyMetrics.keysLoaded.WithLabelValues(path).Set(float64(set.len()))
 	kf.stopped.Add(1)
 	go kf.watch()
 	return kf, nil
@@ -878,9 +887,9 @@ func (kf *keysFile) check() error {
 	}
 	kf.err, kf.usedSum = nil, sum
 	kf.set.Store(set)
-	apiKeyMetrics.keysLoaded.WithLabelValues(kf.path).Set(float64(len(set.byDigest)))
+	apiKeyMetrics.keysLoaded.WithLabelValues(kf.path).Set(float64(set.len()))
 	if c := kf.logger.Load().Check(zapcore.InfoLevel, "keys file reloaded"); c != nil {
-		c.Write(zap.String("file", kf.path), zap.Int("keys", len(set.byDigest)),
+		c.Write(zap.String("file", kf.path), zap.Int("keys", set.len()),
 			zap.Int("added", added), zap.Int("removed", removed))
 	}
 	for _, check := range kf.checks {
@@ -926,7 +935,7 @@ func (kf *keysFile) reloadNow() (reloadResult, error) {
 	kf.mu.Unlock()
 	err := kf.check()
 	after := kf.set.Load()
-	res := reloadResult{keys: len(after.byDigest), changed: after != before}
+	res := reloadResult{keys: after.len(), changed: after != before}
 	if res.changed {
 		res.added, res.removed = diffSets(before, after)
 	}
@@ -934,13 +943,13 @@ func (kf *keysFile) reloadNow() (reloadResult, error) {
 }
 
 func diffSets(old, cur *keySet) (added, removed int) {
-	for d := range cur.byDigest {
-		if _, ok := old.byDigest[d]; !ok {
+	for d := range cur.all() {
+		if old.get(&d) == nil {
 			added++
 		}
 	}
-	for d := range old.byDigest {
-		if _, ok := cur.byDigest[d]; !ok {
+	for d := range old.all() {
+		if cur.get(&d) == nil {
 			removed++
 		}
 	}

@@ -42,10 +42,10 @@ func scanKeysFile(data []byte, a *recordAlloc) *keySet {
 	if !s.skip('[') {
 		return nil
 	}
-	// Each entry has one "hash" field: its count sizes the map, which
+	// Each entry has one "hash" field: its count sizes the index, which
 	// then never grows (growing leaves the smaller tables as garbage).
 	n := bytes.Count(data, []byte(`"hash"`))
-	byDigest := make(map[[32]byte]*keyRecord, n)
+	set := newKeySet(n)
 	// Duplicate ids are found by sorting hashes of the ids rather than
 	// in a map from id, which would be as large as the set's, and garbage.
 	idSums := make([]uint64, 0, n)
@@ -57,9 +57,7 @@ func scanKeysFile(data []byte, a *recordAlloc) *keySet {
 			if rec == nil {
 				return nil
 			}
-			before := len(byDigest)
-			byDigest[rec.digest] = rec
-			if len(byDigest) == before {
+			if set.byDigest.add(rec) != nil {
 				return nil // a duplicate hash
 			}
 			idSums = append(idSums, maphash.String(seed, rec.id))
@@ -91,7 +89,7 @@ func scanKeysFile(data []byte, a *recordAlloc) *keySet {
 			return nil
 		}
 	}
-	return &keySet{byDigest: byDigest, gen: setGeneration.Add(1)}
+	return set
 }
 
 // keyScanner reads a keys file from pos.

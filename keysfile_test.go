@@ -121,12 +121,12 @@ func TestParseKeysFile(t *testing.T) {
 			if err != nil {
 				t.Fatalf("parseKeysFile: %v", err)
 			}
-			if len(set.byDigest) != len(tt.want) {
-				t.Errorf("got %d keys, want %d", len(set.byDigest), len(tt.want))
+			if set.len() != len(tt.want) {
+				t.Errorf("got %d keys, want %d", set.len(), len(tt.want))
 			}
 			for _, w := range tt.want {
 				d := digestOf(t, w.hash)
-				rec := set.byDigest[d]
+				rec := set.get(&d)
 				if rec == nil {
 					t.Errorf("key %q not found by its digest", w.id)
 					continue
@@ -329,7 +329,7 @@ func TestParseKeysFileErrors(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			set, err := parseKeysFile([]byte(tt.data))
 			if err == nil {
-				t.Fatalf("parseKeysFile succeeded with %d keys, want an error", len(set.byDigest))
+				t.Fatalf("parseKeysFile succeeded with %d keys, want an error", set.len())
 			}
 			if set != nil {
 				t.Errorf("parseKeysFile returned a set with its error")
@@ -360,8 +360,8 @@ func TestLoadKeysFile(t *testing.T) {
 		}
 		// A file written this instant gets the zero stamp, so that a
 		// second write in the same time tick is not missed.
-		if len(set.byDigest) != 1 || stamp != (fileStamp{}) || sum == ([32]byte{}) {
-			t.Errorf("got %d keys, stamp %+v, sum %x", len(set.byDigest), stamp, sum)
+		if set.len() != 1 || stamp != (fileStamp{}) || sum == ([32]byte{}) {
+			t.Errorf("got %d keys, stamp %+v, sum %x", set.len(), stamp, sum)
 		}
 		saved := recentWrite
 		recentWrite = 0
@@ -449,7 +449,7 @@ func openTestKeysFile(t *testing.T, path string) *keysFile {
 // ids returns the sorted ids of a key set.
 func ids(set *keySet) string {
 	var out []string
-	for _, rec := range set.byDigest {
+	for _, rec := range set.all() {
 		out = append(out, rec.id)
 	}
 	slices.Sort(out)
@@ -709,7 +709,7 @@ func TestKeysFileInPlaceEditWithOldMtime(t *testing.T) {
 		t.Fatalf("check: %v", err)
 	}
 	d2 := mustDigest(t, hash2)
-	if _, ok := kf.set.Load().byDigest[d2]; !ok {
+	if kf.set.Load().get(&d2) == nil {
 		t.Fatal("the in-place edit with the old mtime was missed")
 	}
 
@@ -725,7 +725,7 @@ func TestKeysFileInPlaceEditWithOldMtime(t *testing.T) {
 			t.Fatalf("check of the unchanged broken file = %v, want the same error %v", err, first)
 		}
 	}
-	if _, ok := kf.set.Load().byDigest[d2]; !ok {
+	if kf.set.Load().get(&d2) == nil {
 		t.Fatal("the keys in use were lost to a broken file")
 	}
 }
@@ -849,13 +849,13 @@ func checkScanAgrees(t *testing.T, data []byte) (scanned, decoded bool) {
 		return false, err == nil
 	}
 	if err != nil {
-		t.Fatalf("scanKeysFile read %d keys of a file that encoding/json refuses: %v\nfile: %q", len(fast.byDigest), err, data)
+		t.Fatalf("scanKeysFile read %d keys of a file that encoding/json refuses: %v\nfile: %q", fast.len(), err, data)
 	}
-	if len(fast.byDigest) != len(slow.byDigest) {
-		t.Fatalf("scanKeysFile read %d keys, encoding/json %d\nfile: %q", len(fast.byDigest), len(slow.byDigest), data)
+	if fast.len() != slow.len() {
+		t.Fatalf("scanKeysFile read %d keys, encoding/json %d\nfile: %q", fast.len(), slow.len(), data)
 	}
-	for d, rec := range slow.byDigest {
-		other := fast.byDigest[d]
+	for d, rec := range slow.all() {
+		other := fast.get(&d)
 		if other == nil {
 			t.Fatalf("scanKeysFile lost key %q\nfile: %q", rec.id, data)
 		}
@@ -1089,7 +1089,7 @@ func FuzzScanKeysFile(f *testing.F) {
 		checkScanAgrees(t, data)
 		set, err := parseKeysFile(data)
 		if want, wantErr := decodeKeysFile(data, new(recordAlloc)); (err == nil) != (wantErr == nil) ||
-			err != nil && err.Error() != wantErr.Error() || set != nil && len(set.byDigest) != len(want.byDigest) {
+			err != nil && err.Error() != wantErr.Error() || set != nil && set.len() != want.len() {
 			t.Fatalf("parseKeysFile = %v, %v; decodeKeysFile = %v, %v", set, err, want, wantErr)
 		}
 	})
@@ -1122,7 +1122,7 @@ func TestKeyRecordSharing(t *testing.T) {
 				t.Fatalf("parse: %v", err)
 			}
 			rec := make(map[string]*keyRecord)
-			for _, r := range set.byDigest {
+			for _, r := range set.all() {
 				rec[r.id] = r
 			}
 			if rec["a"].keyRare != noRare || rec["b"].keyRare != noRare || rec["g"].keyRare != noRare {
@@ -1180,8 +1180,8 @@ func TestParseKeysFileKeepsNoView(t *testing.T) {
 	for i := range data {
 		data[i] = 'x'
 	}
-	for d, w := range want.byDigest {
-		if diff := recordDiff(got.byDigest[d], w); diff != "" {
+	for d, w := range want.all() {
+		if diff := recordDiff(got.get(&d), w); diff != "" {
 			t.Errorf("after the buffer changed, key %q reads\n%s", w.id, diff)
 		}
 	}
@@ -1282,18 +1282,18 @@ func TestReparseKeysFileReuses(t *testing.T) {
 			}
 			for _, h := range []string{hash1, hash2, hash3} {
 				d := digestOf(t, h)
-				if set.byDigest[d] != old.byDigest[d] {
-					t.Errorf("key %s: a new record for an unchanged key", old.byDigest[d].id)
+				if set.get(&d) != old.get(&d) {
+					t.Errorf("key %s: a new record for an unchanged key", old.get(&d).id)
 				}
 			}
 			for _, h := range []string{hash4, hash5, sha256Hex("h"), sha256Hex("i")} {
 				d := digestOf(t, h)
-				if set.byDigest[d] == old.byDigest[d] {
-					t.Errorf("key %s: the old record kept for a changed key", set.byDigest[d].id)
+				if set.get(&d) == old.get(&d) {
+					t.Errorf("key %s: the old record kept for a changed key", set.get(&d).id)
 				}
 			}
-			if d := digestOf(t, hash4); set.byDigest[d].limit.Count != 20 {
-				t.Errorf("key d: limit %+v, want the new rate", set.byDigest[d].limit)
+			if d := digestOf(t, hash4); set.get(&d).limit.Count != 20 {
+				t.Errorf("key d: limit %+v, want the new rate", set.get(&d).limit)
 			}
 			if set.gen == old.gen {
 				t.Error("the new set has the old generation")
@@ -1302,8 +1302,8 @@ func TestReparseKeysFileReuses(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			for d, rec := range fresh.byDigest {
-				if diff := recordDiff(set.byDigest[d], rec); diff != "" {
+			for d, rec := range fresh.all() {
+				if diff := recordDiff(set.get(&d), rec); diff != "" {
 					t.Errorf("key %s read over the old set differs from a fresh read:\n%s", rec.id, diff)
 				}
 			}

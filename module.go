@@ -527,7 +527,7 @@ func (h *Handler) provisionRedis(repl *caddy.Replacer) error {
 // checkPlans reports a key in set whose plan this handler does not define.
 func (h *Handler) checkPlans(set *keySet) error {
 	var bad []string
-	for _, rec := range set.byDigest {
+	for _, rec := range set.all() {
 		if rec.plan != "" && h.plans[rec.plan] == nil {
 			bad = append(bad, fmt.Sprintf("key id %q: unknown plan %q", rec.id, rec.plan))
 		}
