@@ -14,6 +14,7 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -1309,4 +1310,45 @@ func TestReparseKeysFileReuses(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestLargeLoadReleasesMemory checks that loading a large keys file, at
+// start and on a reload, hands the load's garbage back to the operating
+// system (in the background), and that a small one does not.
+func TestLargeLoadReleasesMemory(t *testing.T) {
+	slowPolling(t)
+	var calls atomic.Int64
+	savedFree, savedLarge := freeOSMemory, largeKeySet
+	freeOSMemory = func() { calls.Add(1) }
+	largeKeySet = 2
+	t.Cleanup(func() { freeOSMemory, largeKeySet = savedFree, savedLarge })
+	waitCalls := func(want int64) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for calls.Load() < want && time.Now().Before(deadline) {
+			time.Sleep(time.Millisecond)
+		}
+		for releasing.Load() && time.Now().Before(deadline) {
+			time.Sleep(time.Millisecond) // the release in flight has ended
+		}
+		if got := calls.Load(); got != want {
+			t.Fatalf("memory released %d times, want %d", got, want)
+		}
+	}
+
+	path := filepath.Join(t.TempDir(), "keys.json")
+	writeKeysFile(t, path, keysJSON([2]string{"a", hash1}))
+	kf := openTestKeysFile(t, path)
+	waitCalls(0) // one key: below largeKeySet
+
+	writeKeysFile(t, path, keysJSON([2]string{"a", hash1}, [2]string{"b", hash2}))
+	if err := kf.check(); err != nil {
+		t.Fatalf("check: %v", err)
+	}
+	waitCalls(1) // a reload to two keys
+
+	large := filepath.Join(t.TempDir(), "large.json")
+	writeKeysFile(t, large, keysJSON([2]string{"a", hash1}, [2]string{"b", hash2}, [2]string{"c", hash3}))
+	openTestKeysFile(t, large)
+	waitCalls(2) // a start with three keys
 }
