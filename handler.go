@@ -116,9 +116,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if rec.plan != "" {
 		pl = h.plans[rec.plan]
 	}
-	if restr := restrictionsOf(rec, pl); !restr.isZero() {
-		if failed := restr.check(r, clientIP(r)); failed != "" {
-			return h.refuse(w, r, repl, rec, outcomeForbidden, failed, http.StatusForbidden, errForbidden)
+	// Most keys have no restrictions and no plan: no copy of none.
+	if pl != nil || !rec.restr.isZero() {
+		if restr := restrictionsOf(rec, pl); !restr.isZero() {
+			if failed := restr.check(r, clientIP(r)); failed != "" {
+				return h.refuse(w, r, repl, rec, outcomeForbidden, failed, http.StatusForbidden, errForbidden)
+			}
 		}
 	}
 

@@ -423,7 +423,8 @@ func TestLimiterStateKeyedByLimit(t *testing.T) {
 
 // TestLimiterHeldState checks the state a caller keeps between requests:
 // it is the map's state, it is not used for another limit or limiter, and
-// once swept it is replaced by the map's new one, never kept apart from it.
+// once swept it is replaced by the map's new one, never kept apart from it,
+// and freed.
 func TestLimiterHeldState(t *testing.T) {
 	clock := &fakeClock{}
 	clock.advance(time.Hour)
@@ -431,14 +432,20 @@ func TestLimiterHeldState(t *testing.T) {
 	a := ratelimit.Limit{Count: 2, Period: time.Minute, Burst: 2}
 	b := ratelimit.Limit{Count: 5, Period: time.Minute, Burst: 5}
 	k := sha256.Sum256([]byte("k"))
-	var held atomic.Pointer[limitState]
+	var held atomic.Pointer[heldState]
+	heldNow := func() *limitState {
+		if ref := held.Load(); ref != nil {
+			return ref.Value()
+		}
+		return nil
+	}
 
 	// Held or looked up, a request counts on the one state.
 	if d := l.decide(&held, &k, a, 0); !d.Allowed || d.Remaining != 1 {
 		t.Fatalf("first = %+v, want allowed with 1 left", d)
 	}
-	if held.Load() == nil {
-		t.Fatal("decide kept no state")
+	if heldNow() != l.state(&k, a) {
+		t.Fatal("decide did not keep the map's state")
 	}
 	if d := l.decide(nil, &k, a, 0); !d.Allowed || d.Remaining != 0 {
 		t.Fatalf("second, by the map = %+v, want allowed with 0 left", d)
@@ -460,14 +467,14 @@ func TestLimiterHeldState(t *testing.T) {
 	if d := other.decide(&held, &k, a, 0); !d.Allowed || d.Remaining != 1 {
 		t.Fatalf("other limiter = %+v, want a fresh state", d)
 	}
-	if held.Load().owner != other {
+	if heldNow().owner != other {
 		t.Fatal("held state not replaced by the other limiter's")
 	}
 
 	// Swept while held: the held state is dead, and the next request
 	// counts on the map's new state, which a lookup by the map shares.
 	l.decide(&held, &k, a, 0)
-	swept := held.Load()
+	swept := heldNow()
 	clock.advance(time.Hour)
 	if got := l.sweep(); got != 2 {
 		t.Fatalf("sweep dropped %d, want 2", got)
@@ -478,7 +485,7 @@ func TestLimiterHeldState(t *testing.T) {
 	if d := l.decide(&held, &k, a, 0); !d.Allowed || d.Remaining != 1 {
 		t.Fatalf("after sweep = %+v, want a full burst less one", d)
 	}
-	if held.Load() == swept {
+	if heldNow() == swept {
 		t.Fatal("the dead state is still held")
 	}
 	if d := l.decide(nil, &k, a, 0); !d.Allowed || d.Remaining != 0 {
@@ -486,6 +493,104 @@ func TestLimiterHeldState(t *testing.T) {
 	}
 	if got := l.len(); got != 1 {
 		t.Fatalf("states = %d, want 1", got)
+	}
+
+	// A swept state is freed though a caller still holds it.
+	clock.advance(time.Hour)
+	l.sweep()
+	swept = nil
+	for range 10 {
+		runtime.GC()
+		if heldNow() == nil {
+			break
+		}
+	}
+	if heldNow() != nil {
+		t.Error("a swept state is still reachable through its holder")
+	}
+}
+
+// TestLimiterSharedArithmetic checks that limits which count alike (the
+// same interval and burst: 10/1s and 600/1m) share a key's state, as
+// Redis's counters do, and that one held for either serves both.
+func TestLimiterSharedArithmetic(t *testing.T) {
+	clock := &fakeClock{}
+	clock.advance(time.Hour)
+	l := newLimiter(clock.now)
+	perSecond := ratelimit.Limit{Count: 10, Period: time.Second, Burst: 3}
+	perMinute := ratelimit.Limit{Count: 600, Period: time.Minute, Burst: 3}
+	k := sha256.Sum256([]byte("k"))
+	var held atomic.Pointer[heldState]
+	admitted := 0
+	for i := range 6 {
+		lim := perSecond
+		if i%2 == 1 {
+			lim = perMinute
+		}
+		if l.decide(&held, &k, lim, 0).Allowed {
+			admitted++
+		}
+	}
+	if admitted != 3 {
+		t.Errorf("admitted %d under two limits that count alike, want the one burst of 3", admitted)
+	}
+	if got := l.len(); got != 1 {
+		t.Errorf("states = %d, want 1", got)
+	}
+}
+
+// TestLimiterSweepRace lets a request admit on an idle state after sweep
+// has read it and before it marks it dead: the admission must stand (the
+// state stays), not be lost with a dropped state.
+func TestLimiterSweepRace(t *testing.T) {
+	clock := &fakeClock{}
+	clock.advance(time.Hour)
+	l := newLimiter(clock.now)
+	lim := ratelimit.Limit{Count: 2, Period: time.Minute, Burst: 2}
+	k := sha256.Sum256([]byte("k"))
+	var held atomic.Pointer[heldState]
+	l.decide(&held, &k, lim, 0)
+	clock.advance(time.Hour) // idle again
+	sweepRaceHook = func(*limitState) {
+		// Through the held state: the map's lock is sweep's now.
+		if d := l.decide(&held, &k, lim, 0); !d.Allowed {
+			t.Errorf("request during the sweep = %+v, want allowed", d)
+		}
+	}
+	got := l.sweep()
+	sweepRaceHook = nil
+	if got != 0 {
+		t.Fatalf("sweep dropped %d states, want 0: a request had just used it", got)
+	}
+	if d := l.decide(nil, &k, lim, 0); !d.Allowed || d.Remaining != 0 {
+		t.Fatalf("next = %+v, want allowed with 0 left", d)
+	}
+	if d := l.decide(&held, &k, lim, 0); d.Allowed {
+		t.Fatalf("third = %+v, want denied: the burst is 2", d)
+	}
+}
+
+// TestRequestHoldsLimitState checks that the request path keeps a key's
+// state on its usage record, and that it is the state the limiter's map
+// holds for the key.
+func TestRequestHoldsLimitState(t *testing.T) {
+	h := newTestHandler(t, &Handler{Keys: []InlineKey{{ID: "alpha", Key: testKeyA}}, Rate: "5/1m"})
+	h.limiter = newLimiter(monoNow)
+	p := prepare("/", http.Header{"X-Api-Key": {testKeyA}})
+	if err := h.ServeHTTP(p.w, p.r, &nextRecorder{}); err != nil {
+		t.Fatal(err)
+	}
+	digest := sha256.Sum256([]byte(testKeyA))
+	rec := h.inline[digest]
+	ref := usageOf(rec).limit.Load()
+	if ref == nil || ref.Value() == nil {
+		t.Fatal("the request kept no limit state on the key's usage record")
+	}
+	if st := h.limiter.state(&digest, h.defaultLimit); ref.Value() != st {
+		t.Error("the held state is not the limiter's state for the key")
+	}
+	if got := ref.Value().tat.Load(); got == 0 {
+		t.Error("the held state counted nothing")
 	}
 }
 
@@ -499,7 +604,7 @@ func TestLimiterConcurrentSweeps(t *testing.T) {
 	l := newLimiter(clock.now)
 	lim := ratelimit.Limit{Count: 50, Period: time.Hour, Burst: 50}
 	k := sha256.Sum256([]byte("k"))
-	var held atomic.Pointer[limitState]
+	var held atomic.Pointer[heldState]
 	for step := range 20 {
 		// Each step starts with the burst back: the state is idle.
 		clock.advance(2 * time.Hour)

@@ -16,9 +16,10 @@ import (
 // records whose slots it passes (a cache miss each), which it then does
 // for one in 128 of them.
 //
-// Slots are picked by a hash of the digest under a seed of the index's
-// own: digests come from files and Redis, and a file of digests chosen to
-// share their low bits must not turn the table into a list.
+// Slots are picked by a hash of the whole digest, not by its bits: digests
+// come from files and Redis, and a file of digests that share their low
+// bits must not turn the table into a list. The hash is seeded per index,
+// so that no file can be made against it either.
 //
 // It is filled once, by one goroutine, and only read after that.
 type digestIndex struct {
@@ -72,6 +73,9 @@ func (x *digestIndex) get(d *[32]byte) *keyRecord {
 // already; then it returns that record and leaves the index as it was.
 func (x *digestIndex) add(rec *keyRecord) (existing *keyRecord) {
 	if (x.n+1)*4 > len(x.slots)*3 {
+		if cur := x.get(&rec.digest); cur != nil {
+			return cur // a duplicate needs no room
+		}
 		x.grow()
 	}
 	mask := len(x.slots) - 1

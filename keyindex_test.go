@@ -72,7 +72,7 @@ func TestDigestIndexAgreesWithMap(t *testing.T) {
 }
 
 // TestDigestIndexLowBitsShared fills an index with digests that agree in
-// everything but their last bytes: the seeded hash still spreads them, so
+// everything but their last bytes: the hash of the whole digest spreads them, so
 // lookups stay short. (The test counts the longest probe run: with the
 // digest's own low bits as the slot, every record would land in one run.)
 func TestDigestIndexLowBitsShared(t *testing.T) {

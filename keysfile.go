@@ -727,9 +727,11 @@ var largeKeySet = 100_000
 // freeOSMemory is debug.FreeOSMemory; a test counts its calls.
 var freeOSMemory = debug.FreeOSMemory
 
-// releasing is set while a release runs, so that reloads in quick
-// succession start one at a time.
-var releasing atomic.Bool
+// releasing is set while a release runs; pending is set by a load that
+// wants one, and cleared by the release that starts after it. Loads in
+// quick succession so share releases, and none goes without one that
+// starts after it.
+var releasing, releasePending atomic.Bool
 
 // releaseLoadGarbage returns the memory a load of n keys left behind to
 // the operating system, in the background, when n is large. A load reads
@@ -740,13 +742,29 @@ var releasing atomic.Bool
 // a million keys would hold about 120 bytes a key more than it uses until
 // the heap needed it. The release is a collection and a scavenge: what a
 // collection soon after a load does anyway, plus the scavenge.
+//
+// An operator who set a memory limit (GOMEMLIMIT) has left memory to the
+// runtime: then nothing is done.
 func releaseLoadGarbage(n int) {
-	if n < largeKeySet || !releasing.CompareAndSwap(false, true) {
+	if n < largeKeySet || debug.SetMemoryLimit(-1) != math.MaxInt64 {
 		return
 	}
+	releasePending.Store(true)
+	if !releasing.CompareAndSwap(false, true) {
+		return // the release running sees pending when it ends
+	}
 	go func() {
-		defer releasing.Store(false)
-		freeOSMemory()
+		for {
+			for releasePending.Swap(false) {
+				freeOSMemory()
+			}
+			releasing.Store(false)
+			// A load may have set pending after the last Swap and
+			// found releasing still set: then this goes on.
+			if !releasePending.Load() || !releasing.CompareAndSwap(false, true) {
+				return
+			}
+		}
 	}()
 }
 
@@ -767,6 +785,9 @@ type keysFile struct {
 	sum     [32]byte
 	err     error
 	usedSum [32]byte
+	// added and removed count the keys the last load added to the set
+	// before it and removed from it.
+	added, removed int
 
 	// checks are what each handler that uses the file requires of a key
 	// set (that the plans its keys name exist there), under mu. A config
@@ -919,6 +940,7 @@ func (kf *keysFile) check() error {
 		return kf.err
 	}
 	kf.err, kf.usedSum = nil, sum
+	kf.added, kf.removed = added, removed
 	kf.set.Store(set)
 	apiKeyMetrics.keysLoaded.WithLabelValues(kf.path).Set(float64(set.len()))
 	releaseLoadGarbage(set.len())
@@ -962,32 +984,25 @@ type reloadResult struct {
 
 // reloadNow reads the file now, whatever its stamp says, and loads it if
 // it changed and is valid.
+//
+// It keeps only the old set's generation, not the set: the release of
+// memory after a large load (releaseLoadGarbage) can then free the old
+// set while this still runs. A load by the watcher in between is counted
+// as this one's.
 func (kf *keysFile) reloadNow() (reloadResult, error) {
 	kf.mu.Lock()
-	before := kf.set.Load()
+	before := kf.set.Load().gen
 	kf.stamp, kf.sum = fileStamp{}, [32]byte{}
 	kf.mu.Unlock()
 	err := kf.check()
+	kf.mu.Lock()
 	after := kf.set.Load()
-	res := reloadResult{keys: after.len(), changed: after != before}
+	res := reloadResult{keys: after.len(), changed: after.gen != before}
 	if res.changed {
-		res.added, res.removed = diffSets(before, after)
+		res.added, res.removed = kf.added, kf.removed
 	}
+	kf.mu.Unlock()
 	return res, err
-}
-
-func diffSets(old, cur *keySet) (added, removed int) {
-	for d := range cur.all() {
-		if old.get(&d) == nil {
-			added++
-		}
-	}
-	for d := range old.all() {
-		if cur.get(&d) == nil {
-			removed++
-		}
-	}
-	return added, removed
 }
 
 // Destruct stops the watcher once no handler uses the file any more.

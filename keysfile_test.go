@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -1240,7 +1241,7 @@ func TestPlainWord(t *testing.T) {
 
 // A new version of a file keeps the records of the keys that did not
 // change, whichever path reads it, and counts the keys added and removed
-// as diffSets does.
+// as diffSets (which compares every digest of the two sets) does.
 func TestReparseKeysFileReuses(t *testing.T) {
 	v1 := `{"keys": [
 		{"id": "a", "hash": "` + hash1 + `"},
@@ -1351,4 +1352,68 @@ func TestLargeLoadReleasesMemory(t *testing.T) {
 	writeKeysFile(t, large, keysJSON([2]string{"a", hash1}, [2]string{"b", hash2}, [2]string{"c", hash3}))
 	openTestKeysFile(t, large)
 	waitCalls(2) // a start with three keys
+}
+
+// diffSets counts the keys of cur not in old (added) and of old not in cur
+// (removed), one lookup per key: the reference for the counts the loader
+// keeps as it goes.
+func diffSets(old, cur *keySet) (added, removed int) {
+	for d := range cur.all() {
+		if old.get(&d) == nil {
+			added++
+		}
+	}
+	for d := range old.all() {
+		if cur.get(&d) == nil {
+			removed++
+		}
+	}
+	return added, removed
+}
+
+// TestReleasesCoalesce checks that loads during a release share the one
+// release that starts after them, and that none goes without.
+func TestReleasesCoalesce(t *testing.T) {
+	var calls atomic.Int64
+	entered, proceed := make(chan struct{}, 10), make(chan struct{})
+	savedFree, savedLarge := freeOSMemory, largeKeySet
+	freeOSMemory = func() {
+		calls.Add(1)
+		entered <- struct{}{}
+		<-proceed
+	}
+	largeKeySet = 1
+	t.Cleanup(func() { freeOSMemory, largeKeySet = savedFree, savedLarge })
+	for releasing.Load() {
+		time.Sleep(time.Millisecond) // a release from another test
+	}
+
+	releaseLoadGarbage(1)
+	<-entered // the first release runs, and waits
+	releaseLoadGarbage(1)
+	releaseLoadGarbage(1) // two loads meanwhile: one release after it
+	proceed <- struct{}{}
+	<-entered
+	proceed <- struct{}{}
+	deadline := time.Now().Add(5 * time.Second)
+	for releasing.Load() && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if got := calls.Load(); got != 2 {
+		t.Fatalf("%d releases, want 2: the first, and one for both loads during it", got)
+	}
+	if releasing.Load() || releasePending.Load() {
+		t.Fatal("a release is still running or pending")
+	}
+	releaseLoadGarbage(0) // below largeKeySet
+	if releasePending.Load() || calls.Load() != 2 {
+		t.Fatal("a small load asked for a release")
+	}
+	// With a memory limit set, memory is the runtime's: no release.
+	saved := debug.SetMemoryLimit(1 << 40)
+	releaseLoadGarbage(1)
+	debug.SetMemoryLimit(saved)
+	if releasePending.Load() || releasing.Load() || calls.Load() != 2 {
+		t.Fatal("a load asked for a release under GOMEMLIMIT")
+	}
 }

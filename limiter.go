@@ -6,6 +6,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"weak"
 
 	"github.com/caddyserver/caddy/v2"
 
@@ -44,23 +45,33 @@ type limiterShard struct {
 	_    [48]byte // keep shards on separate cache lines
 }
 
-// bucketKey is what a state belongs to: a key and its limit. A key whose
-// limit changes starts afresh; one whose limit is unchanged keeps its state.
+// bucketKey is what a state belongs to: a key and its limit's arithmetic
+// (its interval and burst, as Redis's counters are keyed too). A key whose
+// limit changes starts afresh; one whose limit is unchanged keeps its
+// state, and limits that count alike (10/1s and 600/1m, with one burst)
+// share one.
 type bucketKey struct {
 	digest [32]byte
-	lim    ratelimit.Limit
+	gcra   ratelimit.GCRA
 }
 
 // limitState is one key's state under one limit. The request path may
-// keep a pointer to it (see decide), so that a known key finds its state
-// without the map and its lock; the state names its limiter and limit, so
-// that such a pointer is only used for what it belongs to.
+// keep a weak pointer to it (see decide), so that a known key finds its
+// state without the map and its lock, and the state is still freed once
+// swept; the state names its limiter and limit, so that such a pointer is
+// only used for what it belongs to.
 type limitState struct {
 	tat   atomic.Int64 // deadTAT once swept
 	owner *limiter
-	lim   ratelimit.Limit
-	gcra  ratelimit.GCRA // lim's, worked out once
+	lim   ratelimit.Limit // the limit it was made for
+	gcra  ratelimit.GCRA  // lim's, worked out once
+	ref   *heldState      // a weak pointer to the state itself, made once
 }
+
+// heldState is how a caller keeps a state between requests: weakly, so
+// that a swept state is freed even while a key's usage record, which
+// lives as long as the process, still points at it.
+type heldState = weak.Pointer[limitState]
 
 // deadTAT marks a state that sweep has dropped from its map: whoever
 // still holds it looks the key up again, and so finds (or makes) the one
@@ -115,20 +126,24 @@ func (l *limiter) startSweeper(every time.Duration) {
 // held, if not nil, is where the caller keeps the key's state between
 // requests (a key's usage record, one per digest): a state found there
 // that belongs to this limiter and limit is used without the map;
-// otherwise the one from the map is, and held is set to it.
-func (l *limiter) decide(held *atomic.Pointer[limitState], digest *[32]byte, lim ratelimit.Limit, now int64) ratelimit.Decision {
+// otherwise the one from the map is, and held is set to it. (A key
+// decided against two limits in turn, in two sites, goes through the map
+// each time; it is counted right all the same.)
+func (l *limiter) decide(held *atomic.Pointer[heldState], digest *[32]byte, lim ratelimit.Limit, now int64) ratelimit.Decision {
 	if l.clock != nil {
 		now = l.clock()
 	}
 	var st *limitState
 	if held != nil {
-		st = held.Load()
+		if ref := held.Load(); ref != nil {
+			st = ref.Value()
+		}
 	}
 	for {
-		if st == nil || st.owner != l || st.lim != lim {
+		if st == nil || st.owner != l || (st.lim != lim && st.gcra != lim.GCRA()) {
 			st = l.state(digest, lim)
 			if held != nil {
-				held.Store(st)
+				held.Store(st.ref)
 			}
 		}
 		tat := st.tat.Load()
@@ -148,13 +163,15 @@ func (l *limiter) decide(held *atomic.Pointer[limitState], digest *[32]byte, lim
 // state returns the state of the key with this digest under lim, made if
 // there is none.
 func (l *limiter) state(digest *[32]byte, lim ratelimit.Limit) *limitState {
-	k := bucketKey{digest: *digest, lim: lim}
+	k := bucketKey{digest: *digest, gcra: lim.GCRA()}
 	// The digest is uniformly random, so any byte of it picks a shard.
 	s := &l.shards[digest[31]%limiterShards]
 	s.mu.Lock()
 	st := s.tats[k]
 	if st == nil {
-		st = &limitState{owner: l, lim: lim, gcra: lim.GCRA()}
+		st = &limitState{owner: l, lim: lim, gcra: k.gcra}
+		ref := weak.Make(st)
+		st.ref = &ref
 		s.tats[k] = st
 	}
 	s.mu.Unlock()
@@ -176,7 +193,14 @@ func (l *limiter) sweep() int {
 		s := &l.shards[i]
 		s.mu.Lock()
 		for k, st := range s.tats {
-			if tat := st.tat.Load(); tat <= now && st.tat.CompareAndSwap(tat, deadTAT) {
+			tat := st.tat.Load()
+			if tat > now {
+				continue
+			}
+			if sweepRaceHook != nil {
+				sweepRaceHook(st)
+			}
+			if st.tat.CompareAndSwap(tat, deadTAT) {
 				delete(s.tats, k)
 				dropped++
 			}
@@ -185,6 +209,10 @@ func (l *limiter) sweep() int {
 	}
 	return dropped
 }
+
+// sweepRaceHook, when set (by a test), runs in sweep between reading an
+// idle state and marking it dead: where a request may come in.
+var sweepRaceHook func(*limitState)
 
 // len counts the states held.
 func (l *limiter) len() int {
