@@ -94,7 +94,7 @@ type keyUsage struct {
 	okSeries atomic.Pointer[keySeries]
 	// limit is the key's rate-limit state, once found, so that a
 	// request finds it without the limiter's map (see limiter.decide).
-	limit atomic.Pointer[heldState]
+	limit atomic.Pointer[limitState]
 }
 
 // keySeries is a per-key counter and the key id it is labelled with.

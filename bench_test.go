@@ -180,8 +180,8 @@ func BenchmarkLimiterDecide(b *testing.B) {
 	digest := sha256.Sum256([]byte(testKeyA))
 	for _, tc := range []struct {
 		name string
-		held *atomic.Pointer[heldState]
-	}{{"held", new(atomic.Pointer[heldState])}, {"map", nil}} {
+		held *atomic.Pointer[limitState]
+	}{{"held", new(atomic.Pointer[limitState])}, {"map", nil}} {
 		b.Run(tc.name, func(b *testing.B) {
 			// As on the request path: no clock of its own, the
 			// request's reading handed in.

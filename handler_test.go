@@ -423,8 +423,8 @@ func TestLimiterStateKeyedByLimit(t *testing.T) {
 
 // TestLimiterHeldState checks the state a caller keeps between requests:
 // it is the map's state, it is not used for another limit or limiter, and
-// once swept it is replaced by the map's new one, never kept apart from it,
-// and freed.
+// once swept it is let go of (so that it is freed) and replaced by the
+// map's new one, never kept apart from it.
 func TestLimiterHeldState(t *testing.T) {
 	clock := &fakeClock{}
 	clock.advance(time.Hour)
@@ -432,13 +432,8 @@ func TestLimiterHeldState(t *testing.T) {
 	a := ratelimit.Limit{Count: 2, Period: time.Minute, Burst: 2}
 	b := ratelimit.Limit{Count: 5, Period: time.Minute, Burst: 5}
 	k := sha256.Sum256([]byte("k"))
-	var held atomic.Pointer[heldState]
-	heldNow := func() *limitState {
-		if ref := held.Load(); ref != nil {
-			return ref.Value()
-		}
-		return nil
-	}
+	var held atomic.Pointer[limitState]
+	heldNow := held.Load
 
 	// Held or looked up, a request counts on the one state.
 	if d := l.decide(&held, &k, a, 0); !d.Allowed || d.Remaining != 1 {
@@ -482,11 +477,14 @@ func TestLimiterHeldState(t *testing.T) {
 	if swept.tat.Load() != deadTAT {
 		t.Fatal("swept state not marked dead")
 	}
+	if heldNow() != nil {
+		t.Fatal("the holder still points at the swept state")
+	}
 	if d := l.decide(&held, &k, a, 0); !d.Allowed || d.Remaining != 1 {
 		t.Fatalf("after sweep = %+v, want a full burst less one", d)
 	}
-	if heldNow() == swept {
-		t.Fatal("the dead state is still held")
+	if heldNow() == swept || heldNow() == nil {
+		t.Fatal("the new state is not held")
 	}
 	if d := l.decide(nil, &k, a, 0); !d.Allowed || d.Remaining != 0 {
 		t.Fatalf("by the map after sweep = %+v, want the held state's count", d)
@@ -495,18 +493,19 @@ func TestLimiterHeldState(t *testing.T) {
 		t.Fatalf("states = %d, want 1", got)
 	}
 
-	// A swept state is freed though a caller still holds it.
-	clock.advance(time.Hour)
-	l.sweep()
-	swept = nil
-	for range 10 {
-		runtime.GC()
-		if heldNow() == nil {
-			break
-		}
+	// A state swept while a newer one is held leaves the newer one.
+	newer := heldNow()
+	swept.release()
+	if heldNow() != newer {
+		t.Error("releasing an old state let go of the newer one")
 	}
-	if heldNow() != nil {
-		t.Error("a swept state is still reachable through its holder")
+
+	// Destruct lets go of every state.
+	if err := l.Destruct(); err != nil {
+		t.Fatal(err)
+	}
+	if heldNow() != nil || l.len() != 0 || newer.tat.Load() != deadTAT {
+		t.Error("Destruct left a state held, in the map, or alive")
 	}
 }
 
@@ -520,7 +519,7 @@ func TestLimiterSharedArithmetic(t *testing.T) {
 	perSecond := ratelimit.Limit{Count: 10, Period: time.Second, Burst: 3}
 	perMinute := ratelimit.Limit{Count: 600, Period: time.Minute, Burst: 3}
 	k := sha256.Sum256([]byte("k"))
-	var held atomic.Pointer[heldState]
+	var held atomic.Pointer[limitState]
 	admitted := 0
 	for i := range 6 {
 		lim := perSecond
@@ -548,7 +547,7 @@ func TestLimiterSweepRace(t *testing.T) {
 	l := newLimiter(clock.now)
 	lim := ratelimit.Limit{Count: 2, Period: time.Minute, Burst: 2}
 	k := sha256.Sum256([]byte("k"))
-	var held atomic.Pointer[heldState]
+	var held atomic.Pointer[limitState]
 	l.decide(&held, &k, lim, 0)
 	clock.advance(time.Hour) // idle again
 	sweepRaceHook = func(*limitState) {
@@ -582,15 +581,18 @@ func TestRequestHoldsLimitState(t *testing.T) {
 	}
 	digest := sha256.Sum256([]byte(testKeyA))
 	rec := h.inline[digest]
-	ref := usageOf(rec).limit.Load()
-	if ref == nil || ref.Value() == nil {
+	held := usageOf(rec).limit.Load()
+	if held == nil {
 		t.Fatal("the request kept no limit state on the key's usage record")
 	}
-	if st := h.limiter.state(&digest, h.defaultLimit); ref.Value() != st {
+	if st := h.limiter.state(&digest, h.defaultLimit); held != st {
 		t.Error("the held state is not the limiter's state for the key")
 	}
-	if got := ref.Value().tat.Load(); got == 0 {
+	if held.tat.Load() == 0 {
 		t.Error("the held state counted nothing")
+	}
+	if held.holder.Load() != &usageOf(rec).limit {
+		t.Error("the state does not know its holder, so a sweep could not let go of it")
 	}
 }
 
@@ -604,7 +606,7 @@ func TestLimiterConcurrentSweeps(t *testing.T) {
 	l := newLimiter(clock.now)
 	lim := ratelimit.Limit{Count: 50, Period: time.Hour, Burst: 50}
 	k := sha256.Sum256([]byte("k"))
-	var held atomic.Pointer[heldState]
+	var held atomic.Pointer[limitState]
 	for step := range 20 {
 		// Each step starts with the burst back: the state is idle.
 		clock.advance(2 * time.Hour)

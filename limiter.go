@@ -6,7 +6,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-	"weak"
 
 	"github.com/caddyserver/caddy/v2"
 
@@ -56,22 +55,20 @@ type bucketKey struct {
 }
 
 // limitState is one key's state under one limit. The request path may
-// keep a weak pointer to it (see decide), so that a known key finds its
-// state without the map and its lock, and the state is still freed once
-// swept; the state names its limiter and limit, so that such a pointer is
-// only used for what it belongs to.
+// keep a pointer to it (see decide), so that a known key finds its state
+// without the map and its lock; the state names its limiter and limit, so
+// that such a pointer is only used for what it belongs to.
+//
+// holder is where that pointer is kept: a key's usage record, one per
+// digest, so one per state. It lives as long as the process; sweep clears
+// its pointer to a state it drops, so that the state is freed.
 type limitState struct {
-	tat   atomic.Int64 // deadTAT once swept
-	owner *limiter
-	lim   ratelimit.Limit // the limit it was made for
-	gcra  ratelimit.GCRA  // lim's, worked out once
-	ref   *heldState      // a weak pointer to the state itself, made once
+	tat    atomic.Int64 // deadTAT once swept
+	owner  *limiter
+	lim    ratelimit.Limit // the limit it was made for
+	gcra   ratelimit.GCRA  // lim's, worked out once
+	holder atomic.Pointer[atomic.Pointer[limitState]]
 }
-
-// heldState is how a caller keeps a state between requests: weakly, so
-// that a swept state is freed even while a key's usage record, which
-// lives as long as the process, still points at it.
-type heldState = weak.Pointer[limitState]
 
 // deadTAT marks a state that sweep has dropped from its map: whoever
 // still holds it looks the key up again, and so finds (or makes) the one
@@ -129,21 +126,20 @@ func (l *limiter) startSweeper(every time.Duration) {
 // otherwise the one from the map is, and held is set to it. (A key
 // decided against two limits in turn, in two sites, goes through the map
 // each time; it is counted right all the same.)
-func (l *limiter) decide(held *atomic.Pointer[heldState], digest *[32]byte, lim ratelimit.Limit, now int64) ratelimit.Decision {
+func (l *limiter) decide(held *atomic.Pointer[limitState], digest *[32]byte, lim ratelimit.Limit, now int64) ratelimit.Decision {
 	if l.clock != nil {
 		now = l.clock()
 	}
 	var st *limitState
 	if held != nil {
-		if ref := held.Load(); ref != nil {
-			st = ref.Value()
-		}
+		st = held.Load()
 	}
 	for {
 		if st == nil || st.owner != l || (st.lim != lim && st.gcra != lim.GCRA()) {
 			st = l.state(digest, lim)
 			if held != nil {
-				held.Store(st.ref)
+				held.Store(st)
+				st.holder.CompareAndSwap(nil, held)
 			}
 		}
 		tat := st.tat.Load()
@@ -170,8 +166,6 @@ func (l *limiter) state(digest *[32]byte, lim ratelimit.Limit) *limitState {
 	st := s.tats[k]
 	if st == nil {
 		st = &limitState{owner: l, lim: lim, gcra: k.gcra}
-		ref := weak.Make(st)
-		st.ref = &ref
 		s.tats[k] = st
 	}
 	s.mu.Unlock()
@@ -202,12 +196,21 @@ func (l *limiter) sweep() int {
 			}
 			if st.tat.CompareAndSwap(tat, deadTAT) {
 				delete(s.tats, k)
+				st.release()
 				dropped++
 			}
 		}
 		s.mu.Unlock()
 	}
 	return dropped
+}
+
+// release clears the holder's pointer to st, a state just marked dead,
+// unless it points at a newer state already.
+func (st *limitState) release() {
+	if h := st.holder.Load(); h != nil {
+		h.CompareAndSwap(st, nil)
+	}
 }
 
 // sweepRaceHook, when set (by a test), runs in sweep between reading an
@@ -227,9 +230,21 @@ func (l *limiter) len() int {
 }
 
 // Destruct stops the sweeper once no handler uses the limiter any more.
+// Its states are dropped, and their holders let go of them, so that
+// neither they nor the limiter stay reachable from keys' usage records.
 func (l *limiter) Destruct() error {
 	close(l.stop)
 	l.stopped.Wait()
+	for i := range l.shards {
+		s := &l.shards[i]
+		s.mu.Lock()
+		for _, st := range s.tats {
+			st.tat.Store(deadTAT)
+			st.release()
+		}
+		clear(s.tats)
+		s.mu.Unlock()
+	}
 	return nil
 }
 
