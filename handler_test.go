@@ -243,6 +243,14 @@ type fakeClock struct{ ns atomic.Int64 }
 func (c *fakeClock) now() int64              { return c.ns.Load() }
 func (c *fakeClock) advance(d time.Duration) { c.ns.Add(int64(d)) }
 
+// newClockedLimiter returns a limiter that reads a fake clock, an hour on
+// from zero, and the clock.
+func newClockedLimiter() (*limiter, *fakeClock) {
+	clock := &fakeClock{}
+	clock.advance(time.Hour)
+	return newLimiter(clock.now), clock
+}
+
 func TestServeHTTPRateLimit(t *testing.T) {
 	h := newTestHandler(t, &Handler{
 		Keys: []InlineKey{{ID: "alpha", Key: testKeyA}},
@@ -368,9 +376,7 @@ func TestRateLimitConcurrent(t *testing.T) {
 }
 
 func TestLimiterSweep(t *testing.T) {
-	clock := &fakeClock{}
-	clock.advance(time.Hour)
-	l := newLimiter(clock.now)
+	l, clock := newClockedLimiter()
 	lim, err := ratelimit.ParseRate("2/1s")
 	if err != nil {
 		t.Fatal(err)
@@ -398,9 +404,7 @@ func TestLimiterSweep(t *testing.T) {
 }
 
 func TestLimiterStateKeyedByLimit(t *testing.T) {
-	clock := &fakeClock{}
-	clock.advance(time.Hour)
-	l := newLimiter(clock.now)
+	l, _ := newClockedLimiter()
 	a := ratelimit.Limit{Count: 1, Period: time.Minute, Burst: 1}
 	b := ratelimit.Limit{Count: 2, Period: time.Minute, Burst: 2}
 	k := sha256.Sum256([]byte("k"))
@@ -426,9 +430,7 @@ func TestLimiterStateKeyedByLimit(t *testing.T) {
 // once swept it is let go of (so that it is freed) and replaced by the
 // map's new one, never kept apart from it.
 func TestLimiterHeldState(t *testing.T) {
-	clock := &fakeClock{}
-	clock.advance(time.Hour)
-	l := newLimiter(clock.now)
+	l, clock := newClockedLimiter()
 	a := ratelimit.Limit{Count: 2, Period: time.Minute, Burst: 2}
 	b := ratelimit.Limit{Count: 5, Period: time.Minute, Burst: 5}
 	k := sha256.Sum256([]byte("k"))
@@ -513,9 +515,7 @@ func TestLimiterHeldState(t *testing.T) {
 // same interval and burst: 10/1s and 600/1m) share a key's state, as
 // Redis's counters do, and that one held for either serves both.
 func TestLimiterSharedArithmetic(t *testing.T) {
-	clock := &fakeClock{}
-	clock.advance(time.Hour)
-	l := newLimiter(clock.now)
+	l, _ := newClockedLimiter()
 	perSecond := ratelimit.Limit{Count: 10, Period: time.Second, Burst: 3}
 	perMinute := ratelimit.Limit{Count: 600, Period: time.Minute, Burst: 3}
 	k := sha256.Sum256([]byte("k"))
@@ -542,9 +542,7 @@ func TestLimiterSharedArithmetic(t *testing.T) {
 // has read it and before it marks it dead: the admission must stand (the
 // state stays), not be lost with a dropped state.
 func TestLimiterSweepRace(t *testing.T) {
-	clock := &fakeClock{}
-	clock.advance(time.Hour)
-	l := newLimiter(clock.now)
+	l, clock := newClockedLimiter()
 	lim := ratelimit.Limit{Count: 2, Period: time.Minute, Burst: 2}
 	k := sha256.Sum256([]byte("k"))
 	var held atomic.Pointer[limitState]
@@ -601,9 +599,7 @@ func TestRequestHoldsLimitState(t *testing.T) {
 // run and the clock moves in steps that let some sweeps drop the state:
 // in every step exactly the burst is admitted.
 func TestLimiterConcurrentSweeps(t *testing.T) {
-	clock := &fakeClock{}
-	clock.advance(time.Hour)
-	l := newLimiter(clock.now)
+	l, clock := newClockedLimiter()
 	lim := ratelimit.Limit{Count: 50, Period: time.Hour, Burst: 50}
 	k := sha256.Sum256([]byte("k"))
 	var held atomic.Pointer[limitState]
@@ -942,9 +938,7 @@ func TestProvisionErrors(t *testing.T) {
 // TestLimiterSweeper checks that the sweeper goroutine drops idle state by
 // itself and stops on Destruct.
 func TestLimiterSweeper(t *testing.T) {
-	clock := &fakeClock{}
-	clock.advance(time.Hour)
-	l := newLimiter(clock.now)
+	l, clock := newClockedLimiter()
 	l.startSweeper(5 * time.Millisecond)
 	lim := ratelimit.Limit{Count: 1, Period: time.Second, Burst: 1}
 	d := sha256.Sum256([]byte("k"))
