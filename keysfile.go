@@ -743,10 +743,12 @@ var releasing, releasePending atomic.Bool
 // the heap needed it. The release is a collection and a scavenge: what a
 // collection soon after a load does anyway, plus the scavenge.
 //
-// An operator who set a memory limit (GOMEMLIMIT) has left memory to the
-// runtime: then nothing is done.
+// An operator who set a memory limit (the GOMEMLIMIT variable) has left
+// memory to the runtime: then nothing is done. (The limit itself cannot
+// tell: Caddy sets one at start-up from the cgroup's or the machine's
+// memory unless the variable is set.)
 func releaseLoadGarbage(n int) {
-	if n < largeKeySet || debug.SetMemoryLimit(-1) != math.MaxInt64 {
+	if n < largeKeySet || os.Getenv("GOMEMLIMIT") != "" {
 		return
 	}
 	releasePending.Store(true)
