@@ -513,7 +513,7 @@ func TestLimiterHeldState(t *testing.T) {
 
 // TestLimiterSharedArithmetic checks that limits which count alike (the
 // same interval and burst: 10/1s and 600/1m) share a key's state, as
-// Redis's counters do, and that one held for either serves both.
+// Redis's counters do, whether found through the map or held for either.
 func TestLimiterSharedArithmetic(t *testing.T) {
 	l, _ := newClockedLimiter()
 	perSecond := ratelimit.Limit{Count: 10, Period: time.Second, Burst: 3}
@@ -526,7 +526,11 @@ func TestLimiterSharedArithmetic(t *testing.T) {
 		if i%2 == 1 {
 			lim = perMinute
 		}
-		if l.decide(&held, &k, lim, 0).Allowed {
+		p := &held
+		if i%3 == 0 {
+			p = nil // by the map
+		}
+		if l.decide(p, &k, lim, 0).Allowed {
 			admitted++
 		}
 	}
@@ -548,14 +552,14 @@ func TestLimiterSweepRace(t *testing.T) {
 	var held atomic.Pointer[limitState]
 	l.decide(&held, &k, lim, 0)
 	clock.advance(time.Hour) // idle again
-	sweepRaceHook = func(*limitState) {
+	l.sweepRaceHook = func(*limitState) {
 		// Through the held state: the map's lock is sweep's now.
 		if d := l.decide(&held, &k, lim, 0); !d.Allowed {
 			t.Errorf("request during the sweep = %+v, want allowed", d)
 		}
 	}
 	got := l.sweep()
-	sweepRaceHook = nil
+	l.sweepRaceHook = nil
 	if got != 0 {
 		t.Fatalf("sweep dropped %d states, want 0: a request had just used it", got)
 	}

@@ -71,6 +71,35 @@ func TestDigestIndexAgreesWithMap(t *testing.T) {
 	}
 }
 
+// TestDigestIndexDuplicateAtThreshold adds a duplicate to an index that is
+// as full as it may be: it is refused, and the table does not grow for it.
+func TestDigestIndexDuplicateAtThreshold(t *testing.T) {
+	x := newDigestIndex(0) // 8 slots: room for 6
+	var recs []*keyRecord
+	for i := range 6 {
+		rec := &keyRecord{}
+		binary.LittleEndian.PutUint64(rec.digest[:], uint64(i)+1)
+		if x.add(rec) != nil {
+			t.Fatalf("record %d refused", i)
+		}
+		recs = append(recs, rec)
+	}
+	slots := len(x.slots)
+	dup := &keyRecord{digest: recs[3].digest}
+	if got := x.add(dup); got != recs[3] {
+		t.Fatalf("add of a duplicate = %p, want the record there %p", got, recs[3])
+	}
+	if len(x.slots) != slots || x.len() != 6 {
+		t.Fatalf("a duplicate grew the table to %d slots (from %d), len %d", len(x.slots), slots, x.len())
+	}
+	// A new record at the threshold does grow it.
+	rec := &keyRecord{}
+	binary.LittleEndian.PutUint64(rec.digest[:], 99)
+	if x.add(rec) != nil || len(x.slots) != 2*slots || x.get(&recs[0].digest) != recs[0] {
+		t.Fatalf("growth: %d slots, want %d", len(x.slots), 2*slots)
+	}
+}
+
 // TestDigestIndexLowBitsShared fills an index with digests that agree in
 // everything but their last bytes: the hash of the whole digest spreads them, so
 // lookups stay short. (The test counts the longest probe run: with the

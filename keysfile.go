@@ -743,12 +743,15 @@ var releasing, releasePending atomic.Bool
 // the heap needed it. The release is a collection and a scavenge: what a
 // collection soon after a load does anyway, plus the scavenge.
 //
-// An operator who set a memory limit (the GOMEMLIMIT variable) has left
-// memory to the runtime: then nothing is done. (The limit itself cannot
-// tell: Caddy sets one at start-up from the cgroup's or the machine's
-// memory unless the variable is set.)
+// An operator who set a memory limit (the GOMEMLIMIT variable, other than
+// "off") has left memory to the runtime: then nothing is done. (The limit
+// itself cannot tell: Caddy sets one at start-up from the cgroup's or the
+// machine's memory unless the variable is set.)
 func releaseLoadGarbage(n int) {
-	if n < largeKeySet || os.Getenv("GOMEMLIMIT") != "" {
+	if n < largeKeySet {
+		return
+	}
+	if v := os.Getenv("GOMEMLIMIT"); v != "" && v != "off" {
 		return
 	}
 	releasePending.Store(true)
@@ -911,6 +914,11 @@ func (kf *keysFile) watch() {
 func (kf *keysFile) check() error {
 	kf.mu.Lock()
 	defer kf.mu.Unlock()
+	return kf.checkLocked()
+}
+
+// checkLocked is check with kf.mu held.
+func (kf *keysFile) checkLocked() error {
 	stamp, err := statFile(kf.path)
 	if err != nil {
 		return fmt.Errorf("keys file %s: %w", kf.path, err)
@@ -987,23 +995,21 @@ type reloadResult struct {
 // reloadNow reads the file now, whatever its stamp says, and loads it if
 // it changed and is valid.
 //
-// It keeps only the old set's generation, not the set: the release of
-// memory after a large load (releaseLoadGarbage) can then free the old
-// set while this still runs. A load by the watcher in between is counted
-// as this one's.
+// It holds kf.mu throughout, so the watcher cannot load a version in
+// between, and the counts are those of this load. It keeps only the old
+// set's generation, not the set: the release of memory after a large load
+// (releaseLoadGarbage, in the background) can then free the old set.
 func (kf *keysFile) reloadNow() (reloadResult, error) {
 	kf.mu.Lock()
+	defer kf.mu.Unlock()
 	before := kf.set.Load().gen
 	kf.stamp, kf.sum = fileStamp{}, [32]byte{}
-	kf.mu.Unlock()
-	err := kf.check()
-	kf.mu.Lock()
+	err := kf.checkLocked()
 	after := kf.set.Load()
 	res := reloadResult{keys: after.len(), changed: after.gen != before}
 	if res.changed {
 		res.added, res.removed = kf.added, kf.removed
 	}
-	kf.mu.Unlock()
 	return res, err
 }
 

@@ -1318,6 +1318,8 @@ func TestReparseKeysFileReuses(t *testing.T) {
 // system (in the background), and that a small one does not.
 func TestLargeLoadReleasesMemory(t *testing.T) {
 	slowPolling(t)
+	t.Setenv("GOMEMLIMIT", "") // as unset, whatever the environment
+	waitNoRelease(t)
 	var calls atomic.Int64
 	savedFree, savedLarge := freeOSMemory, largeKeySet
 	freeOSMemory = func() { calls.Add(1) }
@@ -1374,6 +1376,8 @@ func diffSets(old, cur *keySet) (added, removed int) {
 // TestReleasesCoalesce checks that loads during a release share the one
 // release that starts after them, and that none goes without.
 func TestReleasesCoalesce(t *testing.T) {
+	t.Setenv("GOMEMLIMIT", "") // as unset, whatever the environment
+	waitNoRelease(t)
 	var calls atomic.Int64
 	entered, proceed := make(chan struct{}, 10), make(chan struct{})
 	savedFree, savedLarge := freeOSMemory, largeKeySet
@@ -1384,16 +1388,21 @@ func TestReleasesCoalesce(t *testing.T) {
 	}
 	largeKeySet = 1
 	t.Cleanup(func() { freeOSMemory, largeKeySet = savedFree, savedLarge })
-	for releasing.Load() {
-		time.Sleep(time.Millisecond) // a release from another test
+	waitEntered := func() {
+		t.Helper()
+		select {
+		case <-entered:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("no release started (%d so far)", calls.Load())
+		}
 	}
 
 	releaseLoadGarbage(1)
-	<-entered // the first release runs, and waits
+	waitEntered() // the first release runs, and waits
 	releaseLoadGarbage(1)
 	releaseLoadGarbage(1) // two loads meanwhile: one release after it
 	proceed <- struct{}{}
-	<-entered
+	waitEntered()
 	proceed <- struct{}{}
 	deadline := time.Now().Add(5 * time.Second)
 	for releasing.Load() && time.Now().Before(deadline) {
@@ -1415,7 +1424,7 @@ func TestReleasesCoalesce(t *testing.T) {
 	saved := debug.SetMemoryLimit(1 << 40)
 	releaseLoadGarbage(1)
 	debug.SetMemoryLimit(saved)
-	<-entered
+	waitEntered()
 	proceed <- struct{}{}
 	for releasing.Load() {
 		time.Sleep(time.Millisecond)
@@ -1427,5 +1436,27 @@ func TestReleasesCoalesce(t *testing.T) {
 	releaseLoadGarbage(1)
 	if releasePending.Load() || releasing.Load() || calls.Load() != 3 {
 		t.Fatal("a load asked for a release under GOMEMLIMIT")
+	}
+	// GOMEMLIMIT=off is no limit.
+	t.Setenv("GOMEMLIMIT", "off")
+	releaseLoadGarbage(1)
+	waitEntered()
+	proceed <- struct{}{}
+	waitNoRelease(t)
+	if calls.Load() != 4 {
+		t.Fatal("no release with GOMEMLIMIT=off")
+	}
+}
+
+// waitNoRelease waits until no release of memory runs (one from an
+// earlier test may still), before a test replaces freeOSMemory.
+func waitNoRelease(t *testing.T) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for releasing.Load() {
+		if time.Now().After(deadline) {
+			t.Fatal("a release of memory is still running")
+		}
+		time.Sleep(time.Millisecond)
 	}
 }

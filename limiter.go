@@ -34,6 +34,11 @@ type limiter struct {
 	shards [limiterShards]limiterShard
 	clock  func() int64
 
+	// sweepRaceHook, when set (by a test, before any sweep), runs in
+	// sweep between reading an idle state and marking it dead: where a
+	// request may come in.
+	sweepRaceHook func(*limitState)
+
 	stop    chan struct{}
 	stopped sync.WaitGroup
 }
@@ -60,8 +65,9 @@ type bucketKey struct {
 // that such a pointer is only used for what it belongs to.
 //
 // holder is where that pointer is kept: a key's usage record, one per
-// digest, so one per state. It lives as long as the process; sweep clears
-// its pointer to a state it drops, so that the state is freed.
+// digest for the whole process (usageOf), so one per state. It lives as
+// long as the process; sweep clears its pointer to a state it drops, so
+// that the state is freed.
 type limitState struct {
 	tat    atomic.Int64 // deadTAT once swept
 	owner  *limiter
@@ -139,7 +145,9 @@ func (l *limiter) decide(held *atomic.Pointer[limitState], digest *[32]byte, lim
 			st = l.state(digest, lim)
 			if held != nil {
 				held.Store(st)
-				st.holder.CompareAndSwap(nil, held)
+				if st.holder.Load() == nil {
+					st.holder.CompareAndSwap(nil, held)
+				}
 			}
 		}
 		tat := st.tat.Load()
@@ -191,8 +199,8 @@ func (l *limiter) sweep() int {
 			if tat > now {
 				continue
 			}
-			if sweepRaceHook != nil {
-				sweepRaceHook(st)
+			if l.sweepRaceHook != nil {
+				l.sweepRaceHook(st)
 			}
 			if st.tat.CompareAndSwap(tat, deadTAT) {
 				delete(s.tats, k)
@@ -213,10 +221,6 @@ func (st *limitState) release() {
 	}
 }
 
-// sweepRaceHook, when set (by a test), runs in sweep between reading an
-// idle state and marking it dead: where a request may come in.
-var sweepRaceHook func(*limitState)
-
 // len counts the states held.
 func (l *limiter) len() int {
 	n := 0
@@ -232,6 +236,8 @@ func (l *limiter) len() int {
 // Destruct stops the sweeper once no handler uses the limiter any more.
 // Its states are dropped, and their holders let go of them, so that
 // neither they nor the limiter stay reachable from keys' usage records.
+// (A request still in flight from the config before may make a state
+// anew; the key's next request, on the limiter in use, replaces it.)
 func (l *limiter) Destruct() error {
 	close(l.stop)
 	l.stopped.Wait()
