@@ -3,6 +3,7 @@ package apikey
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"net/http"
 	"os"
@@ -14,11 +15,14 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+
+	"github.com/keystile/caddy-apikey/internal/quota"
 )
 
 // benchRequest is a request prepared once as Caddy's server prepares it
@@ -94,6 +98,62 @@ func BenchmarkServeHTTP(b *testing.B) {
 		b.Run(tc.name, func(b *testing.B) {
 			h := newTestHandler(b, &Handler{Keys: []InlineKey{{ID: "alpha", Key: testKeyA}}, Rate: tc.rate})
 			runServeHTTP(b, h, benchRequests(1, func(int) http.Header { return tc.hdr }), false)
+		})
+	}
+}
+
+// BenchmarkRequiredWork is the floor under BenchmarkServeHTTP: only the
+// steps the hot path must take (issue 2, §3 and §5), each done with Go's
+// and Caddy's own primitives, in the order the handler takes them, and
+// nothing else: no guard, no lifecycle or plan, no cache checks beyond a
+// hit, no counters or metrics. Its steps: find the replacer, take the key
+// from its header and check it, delete the header, SHA-256, a ristretto
+// hit, read the clock and decide the rate limit (rate only), set
+// RateLimit-Policy and RateLimit in one allocation (rate only), name the
+// key in the replacer and the vars, and set the access log field. The
+// README gives the hot path as a multiple of this floor.
+func BenchmarkRequiredWork(b *testing.B) {
+	for _, tc := range []struct {
+		name string
+		rate string
+	}{{"header/rate", "1000000000/1s"}, {"header/norate", ""}} {
+		b.Run(tc.name, func(b *testing.B) {
+			h := newTestHandler(b, &Handler{Keys: []InlineKey{{ID: "alpha", Key: testKeyA}}, Rate: tc.rate})
+			digest := sha256.Sum256([]byte(testKeyA))
+			rec := h.inline[digest]
+			h.cache.put(&digest, 0, rec, monoNow())
+			h.cache.c.Wait()
+			reqs := benchRequests(1, func(int) http.Header { return http.Header{"X-Api-Key": {testKeyA}} })
+			limited := !h.defaultLimit.IsZero()
+			b.ReportAllocs()
+			for b.Loop() {
+				br := reqs[0]
+				br.reset()
+				r := br.r
+				repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+				key := r.Header["X-Api-Key"][0]
+				if !validKey(key) {
+					b.Fatal("key refused")
+				}
+				delete(r.Header, "X-Api-Key")
+				d := sha256.Sum256(unsafe.Slice(unsafe.StringData(key), len(key)))
+				e, ok := h.cache.c.Get(binary.LittleEndian.Uint64(d[:8]))
+				if !ok || e.rec != rec {
+					b.Fatal("cache miss")
+				}
+				var spare *[1]zapcore.Field
+				if limited {
+					dec := h.limiter.decide(&usageOf(rec).limit, &rec.digest, h.defaultLimit, monoNow())
+					if !dec.Allowed {
+						b.Fatal("denied")
+					}
+					spare = setRateHeaders(br.w.hdr, &h.defaultPolicy, dec, quota.Quota{}, quota.Decision{})
+				}
+				repl.Map(rec.provider)
+				caddyhttp.SetVar(r.Context(), "http.auth.user.id", rec.idAny)
+				extra := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields)
+				setLogFieldIn(extra, zap.Object("api_key", (*logOK)(rec)), spare)
+			}
 		})
 	}
 }
