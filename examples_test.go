@@ -586,6 +586,16 @@ func serveUsage(t *testing.T, adapted []byte) {
 		if r := got[report.NoneGroup]; r.Status401 != 2 {
 			t.Errorf("(none) row = %+v, want 2 answered 401", r)
 		}
+		// globex's key went in X-API-Key once: the filter removed it.
+		data, err := os.ReadFile(c.accessLog)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, key := range []string{qsAcme, qsGlobex} {
+			if bytes.Contains(data, []byte(key)) {
+				t.Errorf("access log contains key %s", key[:8]+"…")
+			}
+		}
 	})
 }
 
