@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -114,7 +115,8 @@ likewise) and running servers are told.`,
 				return err
 			}
 			if err := f.Add(rec); err != nil {
-				return fmt.Errorf("adding key %q to %s: %w", id, path, err)
+				// err names the key: "adding key <id>: ..."
+				return fmt.Errorf("%s: %w", path, err)
 			}
 			if err := f.Save(); err != nil {
 				return err
@@ -198,27 +200,39 @@ func listCommand() *cobra.Command {
 			return listRedis(cmd)
 		}
 		path, _ := cmd.Flags().GetString("keys-file")
-		f, err := keysedit.Load(path)
+		_, raws, err := readKeyEntries(path)
 		if err != nil {
 			return err
 		}
 		tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
 		fmt.Fprintln(tw, "ID\tNAME\tOWNER\tPLAN\tEXPIRES\tSTATE")
 		now := time.Now()
-		for i, raw := range f.Entries() {
-			var e keyFileEntry
+		invalid := 0
+		for i, c := range checkEntries(raws) {
 			state := "invalid"
-			if err := json.Unmarshal(raw, &e); err == nil {
-				if rec, err := e.record(); err == nil {
-					state = keyState(rec, now)
-				}
+			if c.rec != nil {
+				state = keyState(c.rec, now)
+			} else {
+				invalid++
 			}
+			e := c.entry
 			if e.ID == "" {
 				e.ID = fmt.Sprintf("(keys[%d])", i)
 			}
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", dash(e.ID), dash(e.Name), dash(e.Owner), dash(e.Plan), dash(e.Expires), state)
 		}
-		return tw.Flush()
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+		if invalid != 0 {
+			// The server refuses a file with any invalid entry.
+			entries := "entries"
+			if invalid == 1 {
+				entries = "entry"
+			}
+			fmt.Fprintf(cmd.ErrOrStderr(), "%d invalid %s: the server will not load %s; caddy api-key check --keys-file %s says why\n", invalid, entries, path, path)
+		}
+		return nil
 	})
 	return c
 }
@@ -357,56 +371,19 @@ is any problem.`,
 // of them. The error is for a file that cannot be read as a keys file at
 // all.
 func checkKeysFile(path string, plans []map[string]bool) ([]string, int, error) {
-	data, err := os.ReadFile(path)
+	data, raws, err := readKeyEntries(path)
 	if err != nil {
-		return nil, 0, fmt.Errorf("reading keys file: %w", err)
-	}
-	// The entries are read one by one, so that one bad entry (or a
-	// duplicate id, which keeps the file from being edited) does not hide
-	// the others' problems.
-	var top struct {
-		Keys []json.RawMessage `json:"keys"`
-	}
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&top); err != nil || top.Keys == nil {
-		// Not even the outline of a keys file: the server's parser says
-		// where and why.
-		if _, perr := parseKeysFile(data); perr != nil {
-			return nil, 0, fmt.Errorf("loading keys file %s: %w", path, perr)
-		}
-		return nil, 0, fmt.Errorf("reading keys file %s: %v", path, err)
+		return nil, 0, err
 	}
 	var problems []string
-	byID := make(map[string]int)
-	byDigest := make(map[[32]byte]int)
-	for i, raw := range top.Keys {
-		var e keyFileEntry
-		dec := json.NewDecoder(bytes.NewReader(raw))
-		dec.DisallowUnknownFields()
-		label := func() string { return fmt.Sprintf("keys[%d]%s", i, idLabel(e.ID)) }
-		if err := dec.Decode(&e); err != nil {
-			problems = append(problems, fmt.Sprintf("%s: %v", label(), err))
+	for i, c := range checkEntries(raws) {
+		problems = append(problems, c.problems...)
+		if c.rec == nil || c.rec.plan == "" {
 			continue
-		}
-		rec, err := e.record()
-		if err != nil {
-			problems = append(problems, fmt.Sprintf("%s: %v", label(), err))
-			continue
-		}
-		if j, dup := byID[rec.id]; dup {
-			problems = append(problems, fmt.Sprintf("%s: duplicate id (also keys[%d])", label(), j))
-		} else {
-			byID[rec.id] = i
-		}
-		if j, dup := byDigest[rec.digest]; dup {
-			problems = append(problems, fmt.Sprintf("%s: duplicate hash (same as keys[%d])", label(), j))
-		} else {
-			byDigest[rec.digest] = i
 		}
 		for _, known := range plans {
-			if rec.plan != "" && !known[rec.plan] {
-				problems = append(problems, fmt.Sprintf("%s: unknown plan %q", label(), rec.plan))
+			if !known[c.rec.plan] {
+				problems = append(problems, fmt.Sprintf("keys[%d]%s: unknown plan %q", i, idLabel(c.entry.ID), c.rec.plan))
 				break
 			}
 		}
@@ -417,7 +394,96 @@ func checkKeysFile(path string, plans []map[string]bool) ([]string, int, error) 
 			problems = append(problems, err.Error())
 		}
 	}
-	return problems, len(top.Keys), nil
+	return problems, len(raws), nil
+}
+
+// readKeyEntries reads a keys file and returns it and its entries, each
+// still undecoded. The error is for a file that is not even the outline
+// of a keys file; it says where and why, as the server would.
+func readKeyEntries(path string) ([]byte, []json.RawMessage, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("reading keys file: %w", err)
+	}
+	var top struct {
+		Keys []json.RawMessage `json:"keys"`
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&top); err != nil || top.Keys == nil {
+		if _, perr := parseKeysFile(data); perr != nil {
+			return nil, nil, fmt.Errorf("loading keys file %s: %w", path, perr)
+		}
+		return nil, nil, fmt.Errorf("reading keys file %s: %v", path, err)
+	}
+	return data, top.Keys, nil
+}
+
+// entryCheck is what checkEntries finds of one entry of a keys file.
+type entryCheck struct {
+	entry    keyFileEntry // as much of the entry as could be read
+	rec      *keyRecord   // nil if the server would refuse the entry
+	problems []string     // each naming the entry
+}
+
+// checkEntries checks each entry as the server would, one by one, so that
+// one bad entry does not hide the others' problems. An entry that cannot
+// be read whole still counts for duplicates, by as much of its id and hash
+// as can be read: a later entry with the same id or hash is a problem
+// whichever of the two is fixed first.
+func checkEntries(raws []json.RawMessage) []entryCheck {
+	checks := make([]entryCheck, len(raws))
+	byID := make(map[string]int)
+	byDigest := make(map[[32]byte]int)
+	for i, raw := range raws {
+		c := &checks[i]
+		problem := func(format string, args ...any) {
+			c.problems = append(c.problems, fmt.Sprintf("keys[%d]%s: ", i, idLabel(c.entry.ID))+fmt.Sprintf(format, args...))
+		}
+		dec := json.NewDecoder(bytes.NewReader(raw))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&c.entry); err != nil {
+			// What encoding/json could read before it stopped may be
+			// partial: read again, leniently, for the id and hash.
+			c.entry = keyFileEntry{}
+			_ = json.Unmarshal(raw, &c.entry)
+			// In the server's words where it has its own.
+			if ute, ok := errors.AsType[*json.UnmarshalTypeError](err); ok {
+				problem("%s must be %s, not a JSON %s", fieldName(ute), typeName(ute.Type), ute.Value)
+			} else {
+				problem("%v", err)
+			}
+		} else if rec, err := c.entry.record(); err != nil {
+			problem("%v", err)
+		} else {
+			c.rec = rec
+		}
+		if id := c.entry.ID; id != "" {
+			if j, dup := byID[id]; dup {
+				problem("duplicate id (also keys[%d])", j)
+				c.rec = nil
+			} else {
+				byID[id] = i
+			}
+		}
+		if d, err := parseDigest(c.entry.Hash); err == nil {
+			if j, dup := byDigest[d]; dup {
+				problem("duplicate hash (same as keys[%d]%s)", j, idSuffix(checks[j].entry.ID))
+				c.rec = nil
+			} else {
+				byDigest[d] = i
+			}
+		}
+	}
+	return checks
+}
+
+// idSuffix is ", id <id>", or nothing for an entry without one.
+func idSuffix(id string) string {
+	if id == "" {
+		return ""
+	}
+	return fmt.Sprintf(", id %q", id)
 }
 
 // configPlans adapts a Caddy config and returns, for each api_key handler

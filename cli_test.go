@@ -478,8 +478,11 @@ func TestCLIGenerateKeysFile(t *testing.T) {
 		if err == nil {
 			t.Fatalf("generate with an id in the file succeeded; stdout:\n%s", stdout)
 		}
-		if !strings.Contains(err.Error(), `"bravo"`) || !strings.Contains(err.Error(), "already") {
-			t.Errorf("error %q does not say that id \"bravo\" is already there", err)
+		if !strings.Contains(err.Error(), `"bravo"`) || !strings.Contains(err.Error(), "already") || !strings.HasPrefix(err.Error(), path+": ") {
+			t.Errorf("error %q does not say, after the file, that id \"bravo\" is already there", err)
+		}
+		if n := strings.Count(err.Error(), "adding key"); n != 1 {
+			t.Errorf("error %q says %q %d times, want once", err, "adding key", n)
 		}
 		if stdout != "" {
 			t.Errorf("stdout = %q, want nothing (no key for a record that was not added)", stdout)
@@ -613,6 +616,45 @@ func TestCLIList(t *testing.T) {
 	}
 	before.assertUnchanged(t, path)
 
+	// Entries the server would refuse are listed as invalid, and the file
+	// with them: an unknown field, a later duplicate id or hash. list
+	// says on stderr that the server will not load it.
+	t.Run("invalid entries", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "keys.json")
+		cliWrite(t, path, `{"keys": [
+  {"id": "a", "hash": "`+cliHash("a")+`", "rat": "1/s"},
+  {"id": "b", "hash": "`+cliHash("b")+`", "name": "Bee"},
+  {"id": "b", "hash": "`+cliHash("b2")+`"},
+  {"id": "c", "hash": "`+cliHash("b")+`"},
+  {"id": "d", "hash": "`+cliHash("d")+`", "expires": "soon"},
+  {"hash": "`+cliHash("e")+`"}
+]}`)
+		stdout, stderr, err := cliRun(t, listCommand(), "", "--keys-file", path)
+		if err != nil {
+			t.Fatalf("list: %v (stderr %q)", err, stderr)
+		}
+		want := [][]string{
+			{"ID", "NAME", "OWNER", "PLAN", "EXPIRES", "STATE"},
+			{"a", "-", "-", "-", "-", "invalid"},
+			{"b", "Bee", "-", "-", "-", "active"},
+			{"b", "-", "-", "-", "-", "invalid"},
+			{"c", "-", "-", "-", "-", "invalid"},
+			{"d", "-", "-", "-", "soon", "invalid"},
+			{"(keys[5])", "-", "-", "-", "-", "invalid"},
+		}
+		lines := strings.Split(strings.TrimSuffix(stdout, "\n"), "\n")
+		if len(lines) != len(want) {
+			t.Fatalf("list printed %d lines, want %d:\n%s", len(lines), len(want), stdout)
+		}
+		for i, line := range lines {
+			if got := strings.Fields(line); !slices.Equal(got, want[i]) {
+				t.Errorf("line %d = %q, want columns %q", i, line, want[i])
+			}
+		}
+		if !strings.Contains(stderr, "5 invalid entries") || !strings.Contains(stderr, "will not load "+path) {
+			t.Errorf("stderr = %q, want it to say 5 invalid entries and that the server will not load the file", stderr)
+		}
+	})
 	t.Run("missing file", func(t *testing.T) {
 		missing := filepath.Join(t.TempDir(), "nope.json")
 		stdout, _, err := cliRun(t, listCommand(), "", "--keys-file", missing)
@@ -823,7 +865,7 @@ func TestCLICheck(t *testing.T) {
 ]}`,
 			problems: []string{
 				`keys[1] (id "badhash"): ` + "\x00" + `"hash"`,
-				`keys[2] (id "duph"): ` + "\x00" + `duplicate hash`,
+				`keys[2] (id "duph"): ` + "\x00" + `duplicate hash (same as keys[0], id "good")`,
 				`keys[3] (id "unknown"): ` + "\x00" + `"colour"`,
 				`keys[4] (id "badrate"): ` + "\x00" + `"rate"`,
 				`keys[5] (id "badexp"): ` + "\x00" + `"expires"`,
@@ -846,6 +888,24 @@ func TestCLICheck(t *testing.T) {
 				`keys[4] (id "unknown"): ` + "\x00" + `"colour"`,
 				`keys[5] (id "badrate"): ` + "\x00" + `"rate"`,
 				`keys[6] (id "badexp"): ` + "\x00" + `"expires"`,
+			},
+		},
+		{
+			// An entry the server refuses still has its id and hash:
+			// a later entry may not share them either.
+			name: "duplicates of broken entries",
+			keys: `{"keys": [
+  {"id": "a", "hash": "` + h("a") + `", "rat": "1/s"},
+  {"id": "b", "hash": "` + h("a") + `"},
+  {"id": "a", "hash": "sha256:zz"},
+  {"id": "c", "hash": "` + h("c") + `", "rate": 5}
+]}`,
+			problems: []string{
+				`keys[0] (id "a"): ` + "\x00" + `unknown field "rat"`,
+				`keys[1] (id "b"): ` + "\x00" + `duplicate hash (same as keys[0], id "a")`,
+				`keys[2] (id "a"): ` + "\x00" + `"hash"`,
+				`keys[2] (id "a"): ` + "\x00" + `duplicate id (also keys[0])`,
+				`keys[3] (id "c"): ` + "\x00" + `"rate"`,
 			},
 		},
 		{
