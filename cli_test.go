@@ -564,6 +564,22 @@ func TestCLIHash(t *testing.T) {
 	}
 }
 
+// cliTable checks list's output, a line of columns per row of want, and
+// returns its lines.
+func cliTable(t *testing.T, stdout string, want [][]string) []string {
+	t.Helper()
+	lines := strings.Split(strings.TrimSuffix(stdout, "\n"), "\n")
+	if len(lines) != len(want) {
+		t.Fatalf("list printed %d lines, want %d:\n%s", len(lines), len(want), stdout)
+	}
+	for i, line := range lines {
+		if got := strings.Fields(line); !slices.Equal(got, want[i]) {
+			t.Errorf("line %d = %q, want columns %q", i, line, want[i])
+		}
+	}
+	return lines
+}
+
 func TestCLIList(t *testing.T) {
 	hashes := []string{cliHash("k-act"), cliHash("k-dis"), cliHash("k-exp"), cliHash("k-nyv"), cliHash("k-fut")}
 	path := filepath.Join(t.TempDir(), "keys.json")
@@ -587,15 +603,7 @@ func TestCLIList(t *testing.T) {
 		{"nyv", "-", "-", "silver", "2099-06-01T00:00:00Z", "not_yet_valid"},
 		{"fut", "-", "-", "-", "2099-01-01T00:00:00Z", "active"},
 	}
-	lines := strings.Split(strings.TrimSuffix(stdout, "\n"), "\n")
-	if len(lines) != len(want) {
-		t.Fatalf("list printed %d lines, want %d:\n%s", len(lines), len(want), stdout)
-	}
-	for i, line := range lines {
-		if got := strings.Fields(line); !slices.Equal(got, want[i]) {
-			t.Errorf("line %d = %q, want columns %q", i, line, want[i])
-		}
-	}
+	lines := cliTable(t, stdout, want)
 	// The columns line up: each starts where the header's does.
 	for _, col := range []string{"NAME", "STATE"} {
 		at := strings.Index(lines[0], col)
@@ -642,15 +650,7 @@ func TestCLIList(t *testing.T) {
 			{"d", "-", "-", "-", "soon", "invalid"},
 			{"(keys[5])", "-", "-", "-", "-", "invalid"},
 		}
-		lines := strings.Split(strings.TrimSuffix(stdout, "\n"), "\n")
-		if len(lines) != len(want) {
-			t.Fatalf("list printed %d lines, want %d:\n%s", len(lines), len(want), stdout)
-		}
-		for i, line := range lines {
-			if got := strings.Fields(line); !slices.Equal(got, want[i]) {
-				t.Errorf("line %d = %q, want columns %q", i, line, want[i])
-			}
-		}
+		cliTable(t, stdout, want)
 		if !strings.Contains(stderr, "5 invalid entries") || !strings.Contains(stderr, "will not load "+path) {
 			t.Errorf("stderr = %q, want it to say 5 invalid entries and that the server will not load the file", stderr)
 		}
