@@ -71,18 +71,20 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 
 	key, found, ok := h.extract(r)
+	// The key leaves the request before anything else sees it, whatever
+	// the outcome, so that handle_errors cannot show it either: every
+	// source that carried a value, valid or not, also when two differ.
+	// (Caddy puts the original URI back for handle_errors, so a key that
+	// came in the query is there again.) key stays valid: strings are
+	// immutable.
+	if found != 0 && !h.PassKey {
+		h.removeKey(r, found)
+	}
 	if !ok {
 		return h.reject(w, r, repl, outcomeInvalid)
 	}
 	if found == 0 {
 		return h.reject(w, r, repl, outcomeMissing)
-	}
-	// The key leaves the request before anything else sees it, whatever
-	// the outcome, so that handle_errors cannot show it either. (Caddy
-	// puts the original URI back for handle_errors, so a key that came in
-	// the query is there again.) key stays valid: strings are immutable.
-	if !h.PassKey {
-		h.removeKey(r, found)
 	}
 	// A key in this site's format with a wrong checksum was made up: no
 	// lookup for it.
@@ -741,9 +743,11 @@ func (s source) String() string {
 }
 
 // extract finds the request's key. found has bit i set when source i
-// carried a key. ok is false when a value is malformed (too long, not
-// visible ASCII, empty, badly escaped) or when two sources or two values
-// disagree: such a request is rejected without a lookup.
+// carried a value, a key or not. ok is false when a value is malformed
+// (too long, not visible ASCII, empty, badly escaped) or when two sources
+// or two values disagree: such a request is rejected without a lookup,
+// and key is empty. Every source is read either way, so that found names
+// all that removeKey must take out.
 func (h *Handler) extract(r *http.Request) (key string, found uint64, ok bool) {
 	var c collector
 	for i, s := range h.sources {
@@ -766,15 +770,16 @@ func (h *Handler) extract(r *http.Request) (key string, found uint64, ok bool) {
 				scanCookies(v, s.name, &c)
 			}
 		}
-		if c.bad {
-			return "", 0, false
-		}
+	}
+	if c.bad {
+		return "", c.found, false
 	}
 	return c.key, c.found, true
 }
 
 // collector gathers the values extract finds, and fails on the first that
-// cannot be a key or differs from one found before.
+// cannot be a key or differs from one found before; it goes on noting
+// which sources carried a value.
 type collector struct {
 	key   string
 	found uint64
@@ -783,12 +788,22 @@ type collector struct {
 }
 
 func (c *collector) add(v string) {
-	if !validKey(v) || (c.found != 0 && v != c.key) {
+	c.found |= c.bit
+	if c.bad {
+		return
+	}
+	// A key found before is never empty: validKey refuses "".
+	if !validKey(v) || (c.key != "" && v != c.key) {
 		c.bad = true
 		return
 	}
 	c.key = v
+}
+
+// fail notes a value of the current source that cannot be read at all.
+func (c *collector) fail() {
 	c.found |= c.bit
+	c.bad = true
 }
 
 // validKey reports whether v can be a key: 1 to maxKeyLen visible ASCII
@@ -857,8 +872,8 @@ func scanQuery(rawQuery, name string, c *collector) {
 		}
 		uv, err := url.QueryUnescape(v)
 		if err != nil {
-			c.bad = true
-			return
+			c.fail()
+			continue
 		}
 		c.add(uv)
 	}

@@ -873,11 +873,26 @@ func TestCleanupWhileServing(t *testing.T) {
 }
 
 func TestProvisionDropsPlaintextKeys(t *testing.T) {
+	const keyC = "third_key_0123456789"
 	t.Setenv("APIKEY_TEST_KEY", testKeyB)
-	h := newTestHandler(t, &Handler{Keys: []InlineKey{{ID: "a", Key: testKeyA}, {ID: "b", Key: "{env.APIKEY_TEST_KEY}"}}})
-	for i, want := range []string{hashOf(testKeyA), hashOf(testKeyB)} {
+	// A placeholder may hold a hash, in any case, as {$VAR} may.
+	t.Setenv("APIKEY_TEST_HASH", strings.ToUpper(hashOf(keyC)))
+	h := newTestHandler(t, &Handler{Keys: []InlineKey{{ID: "a", Key: testKeyA}, {ID: "b", Key: "{env.APIKEY_TEST_KEY}"}, {ID: "c", Key: "{env.APIKEY_TEST_HASH}"}}})
+	for i, want := range []string{hashOf(testKeyA), hashOf(testKeyB), hashOf(keyC)} {
 		if got := h.Keys[i].Key; got != want {
 			t.Errorf("Keys[%d].Key = %q after Provision, want its digest %q", i, got, want)
+		}
+	}
+	// The key of the hash works; the hash itself is no key.
+	for _, tc := range []struct {
+		key    string
+		status int
+	}{{keyC, 0}, {hashOf(keyC), http.StatusUnauthorized}, {strings.ToUpper(hashOf(keyC)), http.StatusUnauthorized}} {
+		p := prepare("/", http.Header{"X-Api-Key": {tc.key}})
+		err := h.ServeHTTP(p.w, p.r, &nextRecorder{})
+		var he caddyhttp.HandlerError
+		if tc.status == 0 && err != nil || tc.status != 0 && (!errorsAs(err, &he) || he.StatusCode != tc.status) {
+			t.Errorf("key %.12s…: err = %v, want status %d (0: admitted)", tc.key, err, tc.status)
 		}
 	}
 }
@@ -887,6 +902,7 @@ func TestProvisionDropsPlaintextKeys(t *testing.T) {
 // from Provision or from Validate, and none quotes a key.
 func TestProvisionErrors(t *testing.T) {
 	t.Setenv("APIKEY_EMPTY", "")
+	t.Setenv("APIKEY_BAD_HASH", "SHA256:SECRETnothex")
 	many := make([]KeySource, 65)
 	for i := range many {
 		many[i] = KeySource{Source: "header", Name: fmt.Sprint("X-Key-", i)}
@@ -902,6 +918,7 @@ func TestProvisionErrors(t *testing.T) {
 		{"bad inline id", Handler{Keys: []InlineKey{{ID: "a b", Key: testKeyA}}}, `keys[0]: "id" "a b": use visible ASCII`},
 		{"bad inline digest", Handler{Keys: []InlineKey{{ID: "a", Key: "sha256:abc"}}}, `keys[0] (id "a"): "hash" must be "sha256:" and 64 hex digits, not 3 characters`},
 		{"empty placeholder key", Handler{Keys: []InlineKey{{ID: "a", Key: "{env.APIKEY_EMPTY}"}}}, `keys[0] (id "a"): key {env.APIKEY_EMPTY} is empty (is the variable set?)`},
+		{"bad digest in a placeholder", Handler{Keys: []InlineKey{{ID: "a", Key: "{env.APIKEY_BAD_HASH}"}}}, `keys[0] (id "a"): "hash" must be "sha256:" and 64 hex digits, not 12 characters`},
 		{"key with a space", Handler{Keys: []InlineKey{{ID: "a", Key: "two words"}}}, `keys[0] (id "a"): key must be 1 to 512 visible ASCII characters`},
 		{"burst without rate", Handler{Keys: []InlineKey{{ID: "a", Key: testKeyA}}, Burst: 5}, "burst needs a rate"},
 		{"bad rate", Handler{Keys: []InlineKey{{ID: "a", Key: testKeyA}}, Rate: "ten/1m"}, `rate "ten/1m": count must be`},
@@ -994,6 +1011,61 @@ func TestKeyRemovedOnRejection(t *testing.T) {
 				}
 				if got, want := p.r.Header.Get("X-Api-Key") != "", pass; got != want {
 					t.Errorf("key still in the request: %v, want %v", got, want)
+				}
+			})
+		}
+	}
+}
+
+// A request refused as malformed (two different keys, or a value that
+// cannot be a key) loses every value of every source that carried one,
+// the good keys among them: handle_errors must not show them either.
+func TestKeysRemovedFromMalformedRequest(t *testing.T) {
+	long := strings.Repeat("k", maxKeyLen+1)
+	for _, tc := range []struct {
+		name   string
+		target string
+		header http.Header
+	}{
+		{"header and bearer differ", "/", http.Header{"X-Api-Key": {testKeyA}, "Authorization": {"Bearer " + testKeyB}}},
+		{"header twice, differing", "/", http.Header{"X-Api-Key": {testKeyA, testKeyB}}},
+		{"bearer too long beside a header key", "/", http.Header{"X-Api-Key": {testKeyA}, "Authorization": {"Bearer " + long}}},
+		{"malformed header first, bearer key after", "/", http.Header{"X-Api-Key": {"bad\x01"}, "Authorization": {"Bearer " + testKeyA}}},
+		{"cookie key, header not ASCII", "/", http.Header{"Cookie": {"s=1; k=" + testKeyA}, "X-Api-Key": {testKeyA + "\u00e9"}}},
+		{"query badly escaped, header key", "/?api_key=%zz&a=b", http.Header{"X-Api-Key": {testKeyA}}},
+		{"query key twice, differing, and a cookie key", "/?api_key=" + testKeyA + "&api_key=" + testKeyB, http.Header{"Cookie": {"k=" + testKeyA}}},
+	} {
+		for _, pass := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s pass_key=%v", tc.name, pass), func(t *testing.T) {
+				h := newTestHandler(t, &Handler{From: fuzzSources, PassKey: pass, Keys: []InlineKey{{ID: "alpha", Key: testKeyA}, {ID: "bravo", Key: testKeyB}}})
+				p := prepare(tc.target, tc.header.Clone())
+				next := &nextRecorder{}
+				var he caddyhttp.HandlerError
+				if err := h.ServeHTTP(p.w, p.r, next); !errorsAs(err, &he) || he.StatusCode != http.StatusUnauthorized {
+					t.Fatalf("err = %v, want 401", err)
+				}
+				if next.calls.Load() != 0 {
+					t.Fatal("next was called")
+				}
+				if got := logFieldOf(t, p)["outcome"]; got != outcomeInvalid {
+					t.Errorf("outcome = %v, want %s", got, outcomeInvalid)
+				}
+				sent := fmt.Sprint(tc.header) + tc.target
+				left := fmt.Sprint(p.r.Header) + p.r.URL.RawQuery + p.r.RequestURI
+				for _, key := range []string{testKeyA, testKeyB, long, "%zz", "bad"} {
+					// With pass_key everything sent stays.
+					want := pass && strings.Contains(sent, key)
+					if got := strings.Contains(left, key); got != want {
+						t.Errorf("%.12s… left in the request: %v, want %v (headers %q, URI %q)", key, got, want, p.r.Header, p.r.RequestURI)
+					}
+				}
+				if !pass {
+					if c := p.r.Header.Get("Cookie"); strings.Contains(tc.header.Get("Cookie"), "s=1") && c != "s=1" {
+						t.Errorf("Cookie = %q, want the other cookie kept", c)
+					}
+					if q := p.r.URL.RawQuery; strings.Contains(tc.target, "a=b") && q != "a=b" {
+						t.Errorf("query = %q, want the other parameter kept", q)
+					}
 				}
 			})
 		}

@@ -684,6 +684,11 @@ func inlineDigest(repl *caddy.Replacer, k InlineKey) ([32]byte, error) {
 		}
 		return [32]byte{}, errors.New("key is empty")
 	}
+	// A placeholder may hold a hash as well as a key, as the Caddyfile's
+	// {$VAR} may: the hash is not a key that works.
+	if hasDigestPrefix(key) {
+		return parseDigest(key)
+	}
 	if !validKey(key) {
 		return [32]byte{}, fmt.Errorf("key must be 1 to %d visible ASCII characters", maxKeyLen)
 	}
