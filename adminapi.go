@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"slices"
 	"strings"
 	"sync"
@@ -33,6 +34,8 @@ func init() {
 //
 // Each answer is a list with one entry per api_key handler of the running
 // config, named by the handler's name (see Handler.Name), sorted by name.
+// A query that does not parse, or names a parameter the endpoint does not
+// take, is answered 400.
 type adminAPI struct{}
 
 // CaddyModule returns the Caddy module information.
@@ -179,6 +182,9 @@ func handleKeys(w http.ResponseWriter, r *http.Request) error {
 	if r.Method != http.MethodGet {
 		return methodNotAllowed(r)
 	}
+	if _, err := adminQuery(r); err != nil {
+		return err
+	}
 	var out []adminHandlerKeys
 	for _, h := range liveHandlers() {
 		ak := adminHandlerKeys{Handler: h.name, Keys: []adminKey{}}
@@ -266,7 +272,14 @@ func handleUsage(w http.ResponseWriter, r *http.Request) error {
 	if r.Method != http.MethodGet {
 		return methodNotAllowed(r)
 	}
-	only := r.URL.Query().Get("id")
+	query, err := adminQuery(r, "id")
+	if err != nil {
+		return err
+	}
+	only := query.Get("id")
+	if query.Has("id") && only == "" {
+		return badRequest(errors.New("query parameter id is empty"))
+	}
 	var out []adminHandlerUsage
 	found := false
 	for _, h := range liveHandlers() {
@@ -340,6 +353,9 @@ func handleReload(w http.ResponseWriter, r *http.Request) error {
 	if r.Method != http.MethodPost {
 		return methodNotAllowed(r)
 	}
+	if _, err := adminQuery(r); err != nil {
+		return err
+	}
 	var out []adminReload
 	failed := false
 	for _, h := range liveHandlers() {
@@ -375,6 +391,9 @@ func handlePurge(w http.ResponseWriter, r *http.Request) error {
 	if r.Method != http.MethodPost {
 		return methodNotAllowed(r)
 	}
+	if _, err := adminQuery(r); err != nil {
+		return err
+	}
 	var out []adminPurge
 	for _, h := range liveHandlers() {
 		h.cache.purge()
@@ -385,6 +404,37 @@ func handlePurge(w http.ResponseWriter, r *http.Request) error {
 
 func methodNotAllowed(r *http.Request) error {
 	return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed", r.Method)}
+}
+
+// adminQuery parses the query of a request to an endpoint that takes the
+// parameters named in allowed, each at most once. r.URL.Query would drop
+// what does not parse and answer as if it had not been asked. Errors never
+// quote the query: a key pasted into the wrong place must not come back in
+// the answer, nor in the admin API's error log.
+func adminQuery(r *http.Request, allowed ...string) (url.Values, error) {
+	query, err := url.ParseQuery(r.URL.RawQuery)
+	if err != nil {
+		if errors.As(err, new(url.EscapeError)) {
+			return nil, badRequest(errors.New(`query does not parse: a "%" must start an escape such as %2F`))
+		}
+		// The other error of url.ParseQuery, a semicolon, quotes nothing.
+		return nil, badRequest(fmt.Errorf("query does not parse: %w", err))
+	}
+	for name, values := range query {
+		switch {
+		case !slices.Contains(allowed, name) && len(allowed) == 0:
+			return nil, badRequest(fmt.Errorf("%s takes no query parameters", r.URL.Path))
+		case !slices.Contains(allowed, name):
+			return nil, badRequest(fmt.Errorf("unknown query parameter: %s takes only %s", r.URL.Path, strings.Join(allowed, ", ")))
+		case len(values) > 1:
+			return nil, badRequest(fmt.Errorf("query parameter %s given %d times", name, len(values)))
+		}
+	}
+	return query, nil
+}
+
+func badRequest(err error) error {
+	return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
 }
 
 func writeJSON(w http.ResponseWriter, v any) error {

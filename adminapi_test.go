@@ -38,6 +38,31 @@ func adminCall(t *testing.T, method, url string, out any) int {
 	return resp.StatusCode
 }
 
+// adminCallError calls the admin API and returns the status and the
+// message of its error answer ("" for none).
+func adminCallError(t *testing.T, method, url string) (int, string) {
+	t.Helper()
+	req, err := http.NewRequest(method, url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer resp.Body.Close()
+	var ans struct {
+		Error string `json:"error"`
+	}
+	if resp.StatusCode >= 400 {
+		body, _ := io.ReadAll(resp.Body)
+		if err := json.Unmarshal(body, &ans); err != nil {
+			t.Fatalf("%s %s: %d, and the answer is no error: %v\n%s", method, url, resp.StatusCode, err, body)
+		}
+	}
+	return resp.StatusCode, ans.Error
+}
+
 type adminKeysAnswer []struct {
 	Handler string `json:"handler"`
 	Keys    []struct {
@@ -163,6 +188,50 @@ func TestAdminAPI(t *testing.T) {
 		}
 		if code := adminCall(t, "GET", admin+"/usage?id=nobody", nil); code != http.StatusNotFound {
 			t.Errorf("usage of an unknown id: %d, want 404", code)
+		}
+	})
+
+	// A query that does not parse, or asks for what an endpoint does not
+	// take, is refused rather than answered as if it had not been asked;
+	// the refusal never quotes the query, in case it holds a key.
+	t.Run("queries", func(t *testing.T) {
+		tests := []struct {
+			method, path string
+			wantStatus   int
+			wantErr      string
+		}{
+			{"GET", "/usage?id=%zz", 400, `query does not parse: a "%" must start an escape`},
+			{"GET", "/usage?%zz=acme", 400, `query does not parse: a "%" must start an escape`},
+			{"GET", "/usage?id=acme%", 400, `query does not parse: a "%" must start an escape`},
+			{"GET", "/usage?id=acme;x=1", 400, "query does not parse: invalid semicolon separator"},
+			{"GET", "/usage?ids=acme", 400, "unknown query parameter: /api_key/usage takes only id"},
+			{"GET", "/usage?" + e2eKey1, 400, "unknown query parameter: /api_key/usage takes only id"},
+			{"GET", "/usage?id=acme&key=" + e2eKey1, 400, "unknown query parameter: /api_key/usage takes only id"},
+			{"GET", "/usage?id=acme&id=ci", 400, "query parameter id given 2 times"},
+			{"GET", "/usage?id=", 400, "query parameter id is empty"},
+			{"GET", "/usage?id", 400, "query parameter id is empty"},
+			{"GET", "/keys?id=acme", 400, "/api_key/keys takes no query parameters"},
+			{"GET", "/keys?%zz", 400, `query does not parse: a "%" must start an escape`},
+			{"POST", "/reload?now=1", 400, "/api_key/reload takes no query parameters"},
+			{"POST", "/cache/purge?id=acme", 400, "/api_key/cache/purge takes no query parameters"},
+			{"POST", "/usage?id=%zz", 405, "method POST not allowed"},
+			{"GET", "/usage?id=acme", 200, ""},
+			{"GET", "/usage?id=acme%2D", 404, `no key with id "acme-"`},
+			{"GET", "/usage?id=ac%6De", 200, ""},
+			{"GET", "/usage", 200, ""},
+			{"GET", "/usage?", 200, ""},
+			{"GET", "/keys", 200, ""},
+		}
+		for _, tt := range tests {
+			t.Run(tt.method+" "+strings.ReplaceAll(tt.path, e2eKey1, "KEY"), func(t *testing.T) {
+				code, msg := adminCallError(t, tt.method, admin+tt.path)
+				if code != tt.wantStatus || !strings.Contains(msg, tt.wantErr) || (tt.wantErr == "") != (msg == "") {
+					t.Errorf("%d %q, want %d %q", code, msg, tt.wantStatus, tt.wantErr)
+				}
+				if strings.Contains(msg, e2eKey1) || strings.Contains(msg, "zz") {
+					t.Errorf("the error quotes the query: %q", msg)
+				}
+			})
 		}
 	})
 

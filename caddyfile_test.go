@@ -655,6 +655,24 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 			line:  3,
 		},
 		{
+			name:  "rate in nanoseconds",
+			input: "api_key {\n\tkeys_file k.json\n\trate 1/1ns\n}",
+			want:  `rate "1/1ns": duration units must be ms, s, m, h or d`,
+			line:  3,
+		},
+		{
+			name:  "rate below a millisecond",
+			input: "api_key {\n\tkeys_file k.json\n\trate 1/0.5ms\n}",
+			want:  `rate "1/0.5ms": duration must be at least 1ms`,
+			line:  3,
+		},
+		{
+			name:  "plan rate in microseconds",
+			input: "api_key {\n\tkeys_file k.json\n\tplan free {\n\t\trate 1/1us\n\t}\n}",
+			want:  `rate "1/1us": duration units must be ms, s, m, h or d`,
+			line:  4,
+		},
+		{
 			name:  "rate burst without number",
 			input: "api_key {\n\tkeys_file k.json\n\trate 10/1m burst\n}",
 			want:  "rate: burst needs a number",

@@ -36,8 +36,9 @@ func (l Limit) Interval() time.Duration {
 }
 
 // ParseRate parses "<count>/<duration>", for example "600/1m", "10/s" or
-// "5000/1h". The duration takes Go's units plus "d" for days; a bare unit
-// means one of it. The burst of the result is its count.
+// "5000/1h". The duration takes the units ms, s, m, h and d (days), as in
+// "1h30m" or "1.5s", and is at least 1ms; a bare unit means one of it. The
+// burst of the result is its count.
 func ParseRate(s string) (Limit, error) {
 	countStr, durStr, ok := strings.Cut(s, "/")
 	if !ok {
@@ -50,12 +51,21 @@ func ParseRate(s string) (Limit, error) {
 	if durStr != "" && !strings.ContainsAny(durStr, "0123456789") {
 		durStr = "1" + durStr // "10/s" is ten a second
 	}
+	// time.ParseDuration also reads ns, us and µs; the documented units stop
+	// at ms, and "1/1ns" would be a billion requests a second.
+	if strings.Contains(durStr, "ns") || strings.Contains(durStr, "us") ||
+		strings.Contains(durStr, "µs") || strings.Contains(durStr, "μs") {
+		return Limit{}, fmt.Errorf("rate %q: duration units must be ms, s, m, h or d", s)
+	}
 	period, err := parseDuration(durStr)
 	if err != nil {
 		return Limit{}, fmt.Errorf("rate %q: %w", s, err)
 	}
 	if period <= 0 {
 		return Limit{}, fmt.Errorf("rate %q: duration must be positive", s)
+	}
+	if period < time.Millisecond {
+		return Limit{}, fmt.Errorf("rate %q: duration must be at least 1ms", s)
 	}
 	if period > 366*24*time.Hour {
 		return Limit{}, fmt.Errorf("rate %q: duration must be at most 366d", s)

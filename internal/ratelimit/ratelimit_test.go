@@ -18,6 +18,18 @@ func TestParseRate(t *testing.T) {
 		{"100/1d", Limit{100, 24 * time.Hour, 100}, ""},
 		{"1/500ms", Limit{1, 500 * time.Millisecond, 1}, ""},
 		{"3/90s", Limit{3, 90 * time.Second, 3}, ""},
+		{"10/100ms", Limit{10, 100 * time.Millisecond, 10}, ""},
+		{"1/1ms", Limit{1, time.Millisecond, 1}, ""},
+		{"1/1.5ms", Limit{1, 1500 * time.Microsecond, 1}, ""},
+		{"100/1m", Limit{100, time.Minute, 100}, ""},
+		{"60/1m", Limit{60, time.Minute, 60}, ""},
+		{"5/1h", Limit{5, time.Hour, 5}, ""},
+		{"1/d", Limit{1, 24 * time.Hour, 1}, ""},
+		{"7/2d", Limit{7, 48 * time.Hour, 7}, ""},
+		{"1/366d", Limit{1, 366 * 24 * time.Hour, 1}, ""},
+		{"1/1h30m", Limit{1, 90 * time.Minute, 1}, ""},
+		{"3/1.5s", Limit{3, 1500 * time.Millisecond, 3}, ""},
+		{"10/ms", Limit{10, time.Millisecond, 10}, ""},
 		{"10", Limit{}, "want <count>/<duration>"},
 		{"0/1m", Limit{}, "count must be"},
 		{"-1/1m", Limit{}, "count must be"},
@@ -29,7 +41,18 @@ func TestParseRate(t *testing.T) {
 		{"10/1x", Limit{}, "invalid duration"},
 		{"10/400d", Limit{}, "invalid duration"},
 		{"10/367d", Limit{}, "invalid duration"},
-		{"1000000000/1ns", Limit{}, "more than one request per nanosecond"},
+		{"1000000000/1ms", Limit{}, "more than one request per nanosecond"},
+		{"1/1ns", Limit{}, "duration units must be ms, s, m, h or d"},
+		{"1/ns", Limit{}, "duration units must be ms, s, m, h or d"},
+		{"1/1us", Limit{}, "duration units must be ms, s, m, h or d"},
+		{"1/1µs", Limit{}, "duration units must be ms, s, m, h or d"}, // U+00B5 micro sign
+		{"1/1μs", Limit{}, "duration units must be ms, s, m, h or d"}, // U+03BC Greek mu
+		{"2/µs", Limit{}, "duration units must be ms, s, m, h or d"},
+		{"1/1500us", Limit{}, "duration units must be ms, s, m, h or d"}, // 1.5ms, but in us
+		{"1/1s1ns", Limit{}, "duration units must be ms, s, m, h or d"},
+		{"1/0.5ms", Limit{}, "duration must be at least 1ms"},
+		{"1/.999ms", Limit{}, "duration must be at least 1ms"},
+		{"1/1e-9d", Limit{}, "duration must be at least 1ms"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.in, func(t *testing.T) {
