@@ -20,6 +20,7 @@ import (
 
 	"github.com/keystile/caddy-apikey/internal/keyformat"
 	"github.com/keystile/caddy-apikey/internal/keysedit"
+	"github.com/keystile/caddy-apikey/internal/regularfile"
 )
 
 func init() {
@@ -401,9 +402,9 @@ func checkKeysFile(path string, plans []map[string]bool) ([]string, int, error) 
 // still undecoded. The error is for a file that is not even the outline
 // of a keys file; it says where and why, as the server would.
 func readKeyEntries(path string) ([]byte, []json.RawMessage, error) {
-	data, err := os.ReadFile(path)
+	data, _, err := regularfile.ReadFile(path)
 	if err != nil {
-		return nil, nil, fmt.Errorf("reading keys file: %w", err)
+		return nil, nil, fmt.Errorf("reading keys file %s: %w", path, err)
 	}
 	var top struct {
 		Keys []json.RawMessage `json:"keys"`
@@ -440,9 +441,7 @@ func checkEntries(raws []json.RawMessage) []entryCheck {
 		problem := func(format string, args ...any) {
 			c.problems = append(c.problems, fmt.Sprintf("keys[%d]%s: ", i, idLabel(c.entry.ID))+fmt.Sprintf(format, args...))
 		}
-		dec := json.NewDecoder(bytes.NewReader(raw))
-		dec.DisallowUnknownFields()
-		if err := dec.Decode(&c.entry); err != nil {
+		if err := decodeEntryJSON(raw, &c.entry); err != nil {
 			// What encoding/json could read before it stopped may be
 			// partial: read again, leniently, for the id and hash.
 			c.entry = keyFileEntry{}

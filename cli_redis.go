@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -17,6 +16,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/redis/go-redis/v9"
 	"github.com/spf13/cobra"
+
+	"github.com/keystile/caddy-apikey/internal/regularfile"
 )
 
 // cliRedisTimeout bounds each Redis command of the CLI, connecting
@@ -336,9 +337,9 @@ published, so that running servers drop what they cached of the key.`,
 	addRedisFlags(c, true)
 	c.RunE = runE(func(cmd *cobra.Command, args []string) error {
 		path := args[0]
-		data, err := os.ReadFile(path)
+		data, _, err := regularfile.ReadFile(path)
 		if err != nil {
-			return fmt.Errorf("reading keys file: %w", err)
+			return fmt.Errorf("reading keys file %s: %w", path, err)
 		}
 		if _, err := parseKeysFile(data); err != nil {
 			return fmt.Errorf("loading keys file %s: %w; nothing imported", path, err)

@@ -14,6 +14,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/spf13/cobra"
 
+	"github.com/keystile/caddy-apikey/internal/regularfile"
 	"github.com/keystile/caddy-apikey/internal/report"
 )
 
@@ -165,9 +166,9 @@ func reportTime(flag, s string, now time.Time) (time.Time, error) {
 // or with a plan no longer defined) still has its owner: its requests are
 // in the logs all the same.
 func reportOwners(path string) (map[string]string, error) {
-	data, err := os.ReadFile(path)
+	data, _, err := regularfile.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("reading keys file: %w", err)
+		return nil, fmt.Errorf("reading keys file %s: %w", path, err)
 	}
 	var top struct {
 		Keys []json.RawMessage `json:"keys"`

@@ -625,8 +625,8 @@ func TestCLIList(t *testing.T) {
 	before.assertUnchanged(t, path)
 
 	// Entries the server would refuse are listed as invalid, and the file
-	// with them: an unknown field, a later duplicate id or hash. list
-	// says on stderr that the server will not load it.
+	// with them: an unknown field, a later duplicate id or hash, a field
+	// twice. list says on stderr that the server will not load it.
 	t.Run("invalid entries", func(t *testing.T) {
 		path := filepath.Join(t.TempDir(), "keys.json")
 		cliWrite(t, path, `{"keys": [
@@ -635,7 +635,8 @@ func TestCLIList(t *testing.T) {
   {"id": "b", "hash": "`+cliHash("b2")+`"},
   {"id": "c", "hash": "`+cliHash("b")+`"},
   {"id": "d", "hash": "`+cliHash("d")+`", "expires": "soon"},
-  {"hash": "`+cliHash("e")+`"}
+  {"hash": "`+cliHash("e")+`"},
+  {"id": "f", "hash": "`+cliHash("f")+`", "disabled": true, "disabled": false}
 ]}`)
 		stdout, stderr, err := cliRun(t, listCommand(), "", "--keys-file", path)
 		if err != nil {
@@ -649,10 +650,11 @@ func TestCLIList(t *testing.T) {
 			{"c", "-", "-", "-", "-", "invalid"},
 			{"d", "-", "-", "-", "soon", "invalid"},
 			{"(keys[5])", "-", "-", "-", "-", "invalid"},
+			{"f", "-", "-", "-", "-", "invalid"},
 		}
 		cliTable(t, stdout, want)
-		if !strings.Contains(stderr, "5 invalid entries") || !strings.Contains(stderr, "will not load "+path) {
-			t.Errorf("stderr = %q, want it to say 5 invalid entries and that the server will not load the file", stderr)
+		if !strings.Contains(stderr, "6 invalid entries") || !strings.Contains(stderr, "will not load "+path) {
+			t.Errorf("stderr = %q, want it to say 6 invalid entries and that the server will not load the file", stderr)
 		}
 	})
 	t.Run("missing file", func(t *testing.T) {
@@ -804,6 +806,19 @@ func TestCLIStateCommandErrors(t *testing.T) {
 			}
 			before.assertUnchanged(t, path)
 		})
+		// The server refuses the entry; an edit that set one of the
+		// two, or went by either, would not do what it says.
+		t.Run(verb+" field twice", func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "keys.json")
+			twice := `{"id": "bravo", "hash": "` + cliHashB + `", "disabled": true, "disabled": false}`
+			cliWrite(t, path, cliOddFile(cliEntryA, twice, cliEntryC))
+			before := cliSnap(t, path)
+			_, _, err := cliRun(t, stateCommand(verb), "", "--keys-file", path, "--id", "bravo")
+			if want := `loading keys file ` + path + `: keys[1] (id "bravo"): "disabled" appears twice`; err == nil || err.Error() != want {
+				t.Errorf("%s: error %v, want %s", verb, err, want)
+			}
+			before.assertUnchanged(t, path)
+		})
 		t.Run(verb+" missing file", func(t *testing.T) {
 			dir := t.TempDir()
 			path := filepath.Join(dir, "keys.json")
@@ -824,6 +839,39 @@ func TestCLIStateCommandErrors(t *testing.T) {
 			before.assertUnchanged(t, path)
 		})
 	}
+}
+
+// TestCLINamedPipe runs every command that reads a keys file on a named
+// pipe: each refuses it at once, rather than wait for a writer for ever.
+func TestCLINamedPipe(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "keys.json")
+	mkfifo(t, fifo)
+	for _, tc := range []struct {
+		name string
+		cmd  func() *cobra.Command
+		args []string
+	}{
+		{"list", listCommand, nil},
+		{"check", checkCommand, nil},
+		{"disable", func() *cobra.Command { return stateCommand("disable") }, []string{"--id", "a"}},
+		{"remove", func() *cobra.Command { return stateCommand("remove") }, []string{"--id", "a"}},
+		{"generate", generateCommand, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var err error
+			within(t, tc.name, func() {
+				_, _, err = cliRun(t, tc.cmd(), "", append([]string{"--keys-file", fifo}, tc.args...)...)
+			})
+			if err == nil || !strings.Contains(err.Error(), "keys file "+fifo+": not a regular file (a named pipe)") {
+				t.Errorf("%s: error %v, want one saying that %s is a named pipe", tc.name, err, fifo)
+			}
+		})
+	}
+	if fi, err := os.Lstat(fifo); err != nil || fi.Mode()&os.ModeNamedPipe == 0 {
+		t.Errorf("%s is now %v, %v; want the named pipe left alone", fifo, fi, err)
+	}
+	cliNoTempFiles(t, dir)
 }
 
 // cliCaddyfile writes a Caddyfile whose api_key handler reads keysFile and
@@ -906,6 +954,21 @@ func TestCLICheck(t *testing.T) {
 				`keys[2] (id "a"): ` + "\x00" + `"hash"`,
 				`keys[2] (id "a"): ` + "\x00" + `duplicate id (also keys[0])`,
 				`keys[3] (id "c"): ` + "\x00" + `"rate"`,
+			},
+		},
+		{
+			// encoding/json alone would read each as its last one.
+			name: "fields twice",
+			keys: `{"keys": [
+  {"id": "good", "hash": "` + h("good") + `"},
+  {"id": "c", "hash": "` + h("c") + `", "disabled": true, "disabled": false},
+  {"id": "x", "hash": "` + h("x") + `", "expires": "2001-01-01T00:00:00Z", "Expires": "2099-01-01T00:00:00Z"},
+  {"id": "m", "hash": "` + h("m") + `", "metadata": {"tier": "gold", "tier": "free"}}
+]}`,
+			problems: []string{
+				`keys[1] (id "c"): ` + "\x00" + `"disabled" appears twice`,
+				`keys[2] (id "x"): ` + "\x00" + `"expires" appears twice (as "expires" and "Expires")`,
+				`keys[3] (id "m"): ` + "\x00" + `metadata field "tier" appears twice`,
 			},
 		},
 		{

@@ -355,6 +355,11 @@ var keysFileSeeds = []string{
 	`{"keys": [{"id": "a", "hash": "` + digestA + `"}]} x`,
 	`{"keys": [{"id": "a", "hash": "` + digestA + `"}`,
 	"{\"keys\": [\n {\"id\": \"a\",\n \"hash\": 1}]}",
+	`{"keys": [{"id": "a", "hash": "` + digestA + `", "disabled": true, "disabled": false}]}`,
+	`{"keys": [{"id": "a", "hash": "` + digestA + `", "Disabled": true, "disabled": false}]}`,
+	`{"keys": [{"id": "a", "hash": "` + digestA + `", "id": "b"}]}`,
+	`{"keys": [{"id": "a", "hash": "` + digestA + `", "metadata": {"t": "1", "t": "2"}}]}`,
+	`{"keys": [{"id": "a", "hash": "` + digestA + `", "metadata": {"id": "1", "hash": "2", "T": "3", "t": "4"}}]}`,
 }
 
 func FuzzParseKeysFile(f *testing.F) {
@@ -376,6 +381,9 @@ func FuzzParseKeysFile(f *testing.F) {
 			t.Fatal("no error and no set")
 		}
 		checkKeySet(t, set)
+		if where := repeatedName(data); where != "" {
+			t.Fatalf("file loaded with %s", where)
+		}
 
 		// The records, written back as a keys file, read the same.
 		again, err := parseKeysFile(rewriteKeysFile(t, set))
@@ -398,6 +406,55 @@ func FuzzParseKeysFile(f *testing.F) {
 			t.Errorf("two sets share generation %d", set.gen)
 		}
 	})
+}
+
+// repeatedName finds, as the test's own judge, a name that appears twice in
+// an entry of a keys file: in any case (as encoding/json matches a field)
+// among the entry's own, exactly in an object within it. It says where, or
+// returns "" if there is none or data is not JSON.
+func repeatedName(data []byte) string {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	type object struct {
+		names []string
+		key   bool // the next string token is a name
+	}
+	var stack []*object // nil for an array
+	for {
+		tok, err := dec.Token()
+		if err != nil {
+			return ""
+		}
+		var top *object
+		if len(stack) > 0 {
+			top = stack[len(stack)-1]
+		}
+		switch tok {
+		case json.Delim('{'):
+			stack = append(stack, &object{key: true})
+			continue
+		case json.Delim('['):
+			stack = append(stack, nil)
+			continue
+		case json.Delim('}'), json.Delim(']'):
+			stack = stack[:len(stack)-1]
+		default:
+			if name, ok := tok.(string); ok && top != nil && top.key {
+				// The file is an object, "keys" an array in it: an
+				// entry's own names are at depth 3.
+				for _, seen := range top.names {
+					if len(stack) == 3 && strings.EqualFold(seen, name) || seen == name {
+						return fmt.Sprintf("%q twice at depth %d", name, len(stack))
+					}
+				}
+				top.names = append(top.names, name)
+				top.key = false
+				continue
+			}
+		}
+		if len(stack) > 0 && stack[len(stack)-1] != nil {
+			stack[len(stack)-1].key = true
+		}
+	}
 }
 
 func checkKeySet(t *testing.T, set *keySet) {

@@ -376,7 +376,14 @@ func TestHostileKeysFileAtStart(t *testing.T) {
 					t.Fatal(err)
 				}
 			},
-			problem: "read {path}: is a directory",
+			problem: "not a regular file (a directory)",
+		},
+		{
+			// Reading one the ordinary way waits for a writer: Caddy
+			// hung at start-up, deaf even to SIGTERM.
+			name:    "a named pipe",
+			setup:   hostileMkfifo,
+			problem: "not a regular file (a named pipe)",
 		},
 		{
 			name:    "NUL bytes",
@@ -400,6 +407,18 @@ func TestHostileKeysFileAtStart(t *testing.T) {
 	}
 }
 
+// hostileMkfifo makes a named pipe at path, with mkfifo(1) so that the
+// test builds where there is none (the test is then skipped).
+func hostileMkfifo(t *testing.T, path string) {
+	t.Helper()
+	if _, err := exec.LookPath("mkfifo"); err != nil {
+		t.Skip("no mkfifo here")
+	}
+	if out, err := exec.Command("mkfifo", path).CombinedOutput(); err != nil {
+		t.Fatalf("mkfifo: %v: %s", err, out)
+	}
+}
+
 // TestHostileKeysFileReload empties and deletes a keys file under a
 // running Caddy: the keys in use keep serving, each problem is logged,
 // and the file put back is loaded.
@@ -408,6 +427,22 @@ func TestHostileKeysFileReload(t *testing.T) {
 	e2eWriteFile(t, keysFile, e2eKeysJSON(t, e2eKey{ID: "one", Key: e2eKey1}))
 	c := e2eStart(t, "api_key {\n\tkeys_file "+keysFile+"\n\tmax_failures off\n}\nrespond \"key={http.api_key.id}\"")
 	hostileStatus(t, c, "key one at start", e2eKey1, 200)
+
+	// A field twice, which encoding/json alone reads as the last one:
+	// the file is refused, not read as key one disabled.
+	e2eWriteFile(t, keysFile, fmt.Appendf(nil, `{"keys": [{"id": "one", "hash": %q, "disabled": false, "disabled": true}]}`, e2eHash(e2eKey1)))
+	hostileWaitReport(t, c, keysFile, "loading keys file "+keysFile+`: keys[0] (id "one"): "disabled" appears twice`)
+	hostileStatus(t, c, "key one with a field twice in the file", e2eKey1, 200)
+
+	// A named pipe behind the path: a read that waited for a writer would
+	// hold the file's lock for ever, and config reloads with it.
+	fifo := filepath.Join(t.TempDir(), "fifo")
+	hostileMkfifo(t, fifo)
+	hostileSymlink(t, fifo, keysFile)
+	hostileWaitReport(t, c, keysFile, "loading keys file "+keysFile+": not a regular file (a named pipe)")
+	hostileStatus(t, c, "key one with a named pipe for the file", e2eKey1, 200)
+	c.reload(t, c.config)
+	hostileStatus(t, c, "key one after a config reload with a named pipe for the file", e2eKey1, 200)
 
 	e2eWriteFile(t, keysFile, nil)
 	hostileWaitReport(t, c, keysFile, "loading keys file "+keysFile+`: file is empty; want {"keys": [...]}`)

@@ -18,8 +18,8 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
+	"unicode/utf8"
 	"unsafe"
 
 	"github.com/caddyserver/caddy/v2"
@@ -28,6 +28,7 @@ import (
 
 	"github.com/keystile/caddy-apikey/internal/quota"
 	"github.com/keystile/caddy-apikey/internal/ratelimit"
+	"github.com/keystile/caddy-apikey/internal/regularfile"
 )
 
 // keyRecord is one API key as the handler knows it. It holds the key's
@@ -320,10 +321,17 @@ func decodeKeysFile(data []byte, a *recordAlloc) (*keySet, error) {
 		}
 		set = newKeySet(0)
 		byID := make(map[string]int)
+		var raw json.RawMessage // reused: decoding into it appends
 		for i := 0; dec.More(); i++ {
+			if err := dec.Decode(&raw); err != nil {
+				return nil, fmt.Errorf("keys[%d]: %w", i, syntaxErr(err))
+			}
 			var e keyFileEntry
-			if err := dec.Decode(&e); err != nil {
-				return nil, fmt.Errorf("keys[%d]%s: %w", i, idLabel(e.ID), syntaxErr(err))
+			if err := decodeEntryJSON(raw, &e); err != nil {
+				if _, repeated := errors.AsType[*repeatedFieldError](err); !repeated {
+					err = syntaxErr(err)
+				}
+				return nil, fmt.Errorf("keys[%d]%s: %w", i, idLabel(e.ID), err)
 			}
 			rec, err := e.build(a)
 			if err != nil {
@@ -351,6 +359,229 @@ func decodeKeysFile(data []byte, a *recordAlloc) (*keySet, error) {
 		return nil, errors.New(`no "keys" array; want {"keys": [...]}`)
 	}
 	return set, nil
+}
+
+// decodeEntryJSON decodes one entry of a keys file, raw, into e with
+// encoding/json, as the server reads it: a field that keyFileEntry does not
+// have is an error, and so is a field that appears twice (checkRepeated).
+// raw must be the entry and nothing more. On an error e holds what could
+// be read, for the error's label.
+func decodeEntryJSON(raw []byte, e *keyFileEntry) error {
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(e); err != nil {
+		return err
+	}
+	if dec.InputOffset() != int64(len(raw)) {
+		return errors.New("unexpected data after the entry")
+	}
+	return checkRepeated(raw)
+}
+
+// repeatedFieldError is the error of an entry that has a field twice:
+// name, in parent's object (metadata) if parent is not "". as holds the
+// two spellings of an entry's own field when they differ from its name.
+type repeatedFieldError struct {
+	parent, name string
+	as           [2]string
+}
+
+func (e *repeatedFieldError) Error() string {
+	switch {
+	case e.parent != "":
+		return fmt.Sprintf("%s field %q appears twice", e.parent, e.name)
+	case e.as[0] != e.name || e.as[1] != e.name:
+		return fmt.Sprintf("%q appears twice (as %q and %q)", e.name, e.as[0], e.as[1])
+	}
+	return fmt.Sprintf("%q appears twice", e.name)
+}
+
+// checkRepeated returns a *repeatedFieldError if a name appears twice in
+// the entry obj, valid JSON: among the entry's own fields, whose names
+// encoding/json matches in any case ("Disabled" is "disabled"), or in an
+// object within it (metadata), whose names it matches exactly. Of a name
+// twice encoding/json keeps the last value without a word, and then
+// {"disabled": true, ..., "disabled": false} serves a key that whoever
+// reads the first one thinks is off. It must run after the entry decoded
+// without error, which is what makes obj an object of keyFileEntry's
+// fields, with no object deeper than metadata's.
+func checkRepeated(obj []byte) error {
+	fields := entryFields()
+	var seen [32]string // the spelling of each field seen, by its index
+	w := jsonWalk{b: obj}
+	if !w.open('{') {
+		return nil
+	}
+	for w.member() {
+		name := w.name()
+		field := name
+		if k := fieldIndex(fields, name); k >= 0 {
+			field = fields[k]
+			if seen[k] != "" {
+				return &repeatedFieldError{name: field, as: [2]string{seen[k], name}}
+			}
+			seen[k] = name
+		}
+		w.colon()
+		if !w.open('{') {
+			w.skipValue()
+			continue
+		}
+		var names map[string]bool
+		for w.member() {
+			name := w.name()
+			if names[name] {
+				return &repeatedFieldError{parent: field, name: name}
+			}
+			if names == nil {
+				names = make(map[string]bool)
+			}
+			names[name] = true
+			w.colon()
+			w.skipValue()
+		}
+	}
+	return nil
+}
+
+// entryFields are the JSON names of keyFileEntry's fields, Restrictions'
+// included, in order; at most 32 (checkRepeated's array).
+var entryFields = sync.OnceValue(func() []string {
+	var names []string
+	var add func(t reflect.Type)
+	add = func(t reflect.Type) {
+		for f := range t.Fields() {
+			if f.Anonymous {
+				add(f.Type)
+				continue
+			}
+			name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+			names = append(names, name)
+		}
+	}
+	add(reflect.TypeFor[keyFileEntry]())
+	if len(names) > 32 {
+		panic("keyFileEntry has more than 32 fields")
+	}
+	return names
+})
+
+// fieldIndex returns the index of name in fields, matched as encoding/json
+// matches a field's name (exactly, else in any case), or -1.
+func fieldIndex(fields []string, name string) int {
+	if k := slices.Index(fields, name); k >= 0 {
+		return k
+	}
+	return slices.IndexFunc(fields, func(f string) bool { return strings.EqualFold(f, name) })
+}
+
+// jsonWalk steps through the members of objects in b, valid JSON, without
+// decoding their values. Should b not be valid, it stops, never panics.
+type jsonWalk struct {
+	b []byte
+	i int
+}
+
+func (w *jsonWalk) space() {
+	for w.i < len(w.b) && (w.b[w.i] == ' ' || w.b[w.i] == '\t' || w.b[w.i] == '\n' || w.b[w.i] == '\r') {
+		w.i++
+	}
+}
+
+// open steps past c (an object's '{') if it comes next.
+func (w *jsonWalk) open(c byte) bool {
+	w.space()
+	if w.i < len(w.b) && w.b[w.i] == c {
+		w.i++
+		return true
+	}
+	return false
+}
+
+// member steps to the name of the object's next member and reports
+// whether there is one; past the object's '}' if not.
+func (w *jsonWalk) member() bool {
+	w.space()
+	if w.i < len(w.b) && w.b[w.i] == ',' {
+		w.i++
+		w.space()
+	}
+	if w.i < len(w.b) && w.b[w.i] == '"' {
+		return true
+	}
+	w.i++ // the '}'
+	return false
+}
+
+// name reads a member's name as encoding/json reads it: unescaped, with
+// invalid UTF-8 replaced.
+func (w *jsonWalk) name() string {
+	start := w.i
+	w.skipString()
+	quoted := w.b[start:w.i]
+	plain := true
+	for _, c := range quoted {
+		if c == '\\' || c >= utf8.RuneSelf {
+			plain = false
+			break
+		}
+	}
+	if plain && len(quoted) >= 2 {
+		return string(quoted[1 : len(quoted)-1])
+	}
+	var s string
+	_ = json.Unmarshal(quoted, &s)
+	return s
+}
+
+func (w *jsonWalk) colon() {
+	w.space()
+	if w.i < len(w.b) && w.b[w.i] == ':' {
+		w.i++
+	}
+	w.space()
+}
+
+func (w *jsonWalk) skipString() {
+	for w.i++; w.i < len(w.b); w.i++ {
+		switch w.b[w.i] {
+		case '\\':
+			w.i++
+		case '"':
+			w.i++
+			return
+		}
+	}
+}
+
+// skipValue steps past the value that starts at w.i.
+func (w *jsonWalk) skipValue() {
+	depth := 0
+	for w.i < len(w.b) {
+		switch w.b[w.i] {
+		case '"':
+			w.skipString()
+			if depth == 0 {
+				return
+			}
+			continue
+		case '{', '[':
+			depth++
+		case '}', ']':
+			if depth == 0 {
+				return // the end of the enclosing object
+			}
+			if depth--; depth == 0 {
+				w.i++
+				return
+			}
+		case ',':
+			if depth == 0 {
+				return
+			}
+		}
+		w.i++
+	}
 }
 
 // tokenText shows a JSON token in an error: strings quoted, so that no
@@ -824,10 +1055,7 @@ func statFile(path string) (fileStamp, error) {
 		return fileStamp{}, err
 	}
 	st := fileStamp{mod: fi.ModTime(), size: fi.Size()}
-	if sys, ok := fi.Sys().(*syscall.Stat_t); ok {
-		st.inode, st.dev = sys.Ino, uint64(sys.Dev)
-		st.ctime = time.Unix(sys.Ctim.Unix())
-	}
+	st.inode, st.dev, st.ctime = fileIdentity(fi)
 	return st, nil
 }
 
@@ -857,7 +1085,9 @@ func readKeysFile(path string) ([]byte, fileStamp, error) {
 	if err != nil {
 		return nil, stamp, fmt.Errorf("loading keys file %s: %w", path, err)
 	}
-	data, err := os.ReadFile(path)
+	// Not os.ReadFile: a named pipe put at path would block it, for
+	// ever, and with it kf.mu, config reloads and the admin API.
+	data, _, err := regularfile.ReadFile(path)
 	if err != nil {
 		return nil, stamp, fmt.Errorf("loading keys file %s: %w", path, err)
 	}

@@ -3,7 +3,6 @@ package apikey
 import (
 	"bytes"
 	"encoding/binary"
-	"encoding/json"
 	"hash/maphash"
 	"slices"
 	"strings"
@@ -15,8 +14,9 @@ import (
 // and tools write: {"keys": [...]} whose entries are objects of the known
 // fields, each once, with strings as they are written (no escapes) and
 // whole numbers. An entry that is anything more (an escape, a null, a field
-// twice, a field name in another case) is decoded by encoding/json alone,
-// as decodeKeysFile would decode it. Anything else it does not take: it
+// name in another case) is decoded by encoding/json alone, as
+// decodeKeysFile would decode it; one with a field twice, or a metadata
+// field twice, is an error there. Anything else it does not take: it
 // returns nil, never an error, and decodeKeysFile reads the whole file
 // again, which is also how every error is found and worded.
 //
@@ -127,16 +127,15 @@ func (s *keyScanner) entry(a *recordAlloc) *keyRecord {
 
 // decodeEntry decodes with encoding/json the entry that starts at start,
 // and returns its end; nil if it fails. The entry's end is found by its
-// brackets; encoding/json checks the rest, and must end where they do.
+// brackets; encoding/json checks the rest, and must end where they do (it
+// refuses data after the value's end, as it refuses a value cut short).
 func decodeEntry(data []byte, start int) (*keyFileEntry, int) {
 	end := jsonObjectEnd(data, start)
 	if end < 0 {
 		return nil, 0
 	}
 	e := new(keyFileEntry)
-	dec := json.NewDecoder(bytes.NewReader(data[start:end]))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(e); err != nil || dec.InputOffset() != int64(end-start) {
+	if decodeEntryJSON(data[start:end], e) != nil {
 		return nil, 0
 	}
 	return e, end
@@ -384,8 +383,13 @@ func (s *keyScanner) metadata() (map[string]string, bool) {
 		if !ok {
 			return nil, false
 		}
-		// A name twice: the last value counts, as in encoding/json.
+		// A name twice is an error, which decodeKeysFile words;
+		// counting the map's entries finds it without a lookup.
+		n := len(m)
 		m[s.strs.copy(k)] = s.strs.copy(v)
+		if len(m) == n {
+			return nil, false
+		}
 		s.space()
 		if !s.skip(',') {
 			return m, s.skip('}')

@@ -22,6 +22,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/keystile/caddy-apikey/internal/ratelimit"
+	"github.com/keystile/caddy-apikey/internal/regularfile"
 )
 
 // Digests for keys files; hashN is "sha256:" and 64 hex digits.
@@ -323,6 +324,52 @@ func TestParseKeysFileErrors(t *testing.T) {
 			data: `{"keys": [{"id": "é", "hash": "` + hash1 + `"}]}`,
 			want: `keys[0] (id "é"): "id" "é": use visible ASCII characters other than quotes and backslash`,
 		},
+		{
+			// encoding/json alone keeps the last: the key would serve.
+			name: "disabled twice",
+			data: `{"keys": [{"id": "c", "hash": "` + hash1 + `", "disabled": true, "disabled": false}]}`,
+			want: `keys[0] (id "c"): "disabled" appears twice`,
+		},
+		{
+			name: "expires twice, in a later entry",
+			data: `{"keys": [` + entryA + `, {"id": "c", "expires": "2001-01-01T00:00:00Z", "hash": "` + hash2 + `", "expires": "2099-01-01T00:00:00Z"}]}`,
+			want: `keys[1] (id "c"): "expires" appears twice`,
+		},
+		{
+			// Labelled by the id encoding/json reads, the last.
+			name: "id twice",
+			data: `{"keys": [{"id": "c", "hash": "` + hash1 + `", "id": "d"}]}`,
+			want: `keys[0] (id "d"): "id" appears twice`,
+		},
+		{name: "hash twice", data: `{"keys": [{"id": "c", "hash": "` + hash1 + `", "hash": "` + hash2 + `"}]}`, want: `keys[0] (id "c"): "hash" appears twice`},
+		{name: "burst twice", data: `{"keys": [{"id": "c", "hash": "` + hash1 + `", "burst": 5, "burst": 6}]}`, want: `keys[0] (id "c"): "burst" appears twice`},
+		{
+			name: "restriction twice",
+			data: `{"keys": [{"id": "c", "hash": "` + hash1 + `", "allow_ips": ["10.0.0.0/8"], "allow_ips": []}]}`,
+			want: `keys[0] (id "c"): "allow_ips" appears twice`,
+		},
+		{name: "metadata twice", data: `{"keys": [{"id": "c", "hash": "` + hash1 + `", "metadata": {}, "metadata": {"a": "b"}}]}`, want: `keys[0] (id "c"): "metadata" appears twice`},
+		{
+			// encoding/json matches a field's name in any case.
+			name: "a field twice in another case",
+			data: `{"keys": [{"id": "c", "hash": "` + hash1 + `", "disabled": true, "Disabled": false}]}`,
+			want: `keys[0] (id "c"): "disabled" appears twice (as "disabled" and "Disabled")`,
+		},
+		{
+			name: "a field twice, once escaped",
+			data: `{"keys": [{"id": "c", "hash": "` + hash1 + `", "disabled": true, "disabl\u0065d": false}]}`,
+			want: `keys[0] (id "c"): "disabled" appears twice`,
+		},
+		{
+			name: "metadata field twice",
+			data: `{"keys": [{"id": "c", "hash": "` + hash1 + `", "metadata": {"tier": "gold", "region": "eu", "tier": "free"}}]}`,
+			want: `keys[0] (id "c"): metadata field "tier" appears twice`,
+		},
+		{
+			name: "metadata field twice, once escaped",
+			data: `{"keys": [{"id": "c", "hash": "` + hash1 + `", "metadata": {"tier": "gold", "ti\u0065r": "free"}}]}`,
+			want: `keys[0] (id "c"): metadata field "tier" appears twice`,
+		},
 		{name: "trailing data", data: `{"keys": []} x`, want: "unexpected data after the closing }"},
 		{name: "second object", data: `{"keys": []}{"keys": []}`, want: "unexpected data after the closing }"},
 		{name: "trailing closing brace", data: `{"keys": []}}`, want: "unexpected data after the closing }"},
@@ -344,6 +391,33 @@ func TestParseKeysFileErrors(t *testing.T) {
 				t.Errorf("error = %q\nwant    %q", err, tt.want)
 			}
 		})
+	}
+}
+
+// Only a name twice in one object is refused: a metadata field named like
+// a field of the entry, metadata fields that differ in case, the same
+// names in two entries, and names inside strings are not; both parsers
+// read such files, alike.
+func TestRepeatedFieldsNotConfused(t *testing.T) {
+	h1, h2 := `"hash": "`+hash1+`"`, `"hash": "`+hash2+`"`
+	for _, data := range []string{
+		`{"keys": [{"id": "a", ` + h1 + `, "metadata": {"id": "x", "hash": "y", "disabled": "z"}}]}`,
+		`{"keys": [{"id": "a", ` + h1 + `, "metadata": {"tier": "x", "Tier": "y", "TIER": "z"}}]}`,
+		`{"keys": [{"id": "a", ` + h1 + `, "metadata": {"tier": "x"}, "disabled": true}, {"id": "b", ` + h2 + `, "metadata": {"tier": "x"}, "disabled": true}]}`,
+		`{"keys": [{"id": "a", "name": "\"id\": \"b\", \"name\": {", ` + h1 + `, "owner": "id"}]}`,
+		`{"keys": [{"ID": "a", "Hash": "` + hash1 + `", "Disabled": true, "METADATA": {"t": "1"}}]}`,
+		`{"keys": [{"id": "a", ` + h1 + `, "allow_methods": ["GET", "GET"], "metadata": {}}]}`,
+	} {
+		scanned, decoded := checkScanAgrees(t, []byte(data))
+		if !decoded {
+			_, err := decodeKeysFile([]byte(data), new(recordAlloc))
+			t.Errorf("decodeKeysFile: %v\nfile: %s", err, data)
+		}
+		if set, err := parseKeysFile([]byte(data)); err != nil {
+			t.Errorf("parseKeysFile: %v (scanned %v)\nfile: %s", err, scanned, data)
+		} else if d := digestOf(t, hash1); set.get(&d) == nil {
+			t.Errorf("key a not loaded\nfile: %s", data)
+		}
 	}
 }
 
@@ -379,7 +453,7 @@ func TestLoadKeysFile(t *testing.T) {
 		wantIs error
 	}{
 		{name: "missing file", path: missing, want: "loading keys file " + missing + ": ", wantIs: fs.ErrNotExist},
-		{name: "directory", path: dir, want: "loading keys file " + dir + ": "},
+		{name: "directory", path: dir, want: "loading keys file " + dir + ": not a regular file (a directory)", wantIs: regularfile.ErrNotRegular},
 		{name: "broken file", path: bad, want: "loading keys file " + bad + `: keys[0] (id "a"): missing "hash"`},
 	}
 	for _, tt := range tests {
@@ -538,6 +612,15 @@ func TestKeysFileReload(t *testing.T) {
 			same:    true,
 		},
 		{
+			name: "a field twice keeps the keys",
+			change: func(t *testing.T) {
+				writeKeysFile(t, path, `{"keys": [{"id": "a", "hash": "`+hash1+`", "disabled": false, "disabled": true}]}`)
+			},
+			wantErr: `loading keys file ` + path + `: keys[0] (id "a"): "disabled" appears twice`,
+			wantIDs: "a,b",
+			same:    true,
+		},
+		{
 			name:    "a key removed",
 			change:  func(t *testing.T) { writeKeysFile(t, path, keysJSON([2]string{"b", hash2})) },
 			wantIDs: "b",
@@ -635,6 +718,97 @@ func TestKeysFileReloadSymlink(t *testing.T) {
 	}
 	if kf.set.Load() != after {
 		t.Errorf("the key set was replaced after the link broke")
+	}
+}
+
+// within runs f and fails the test if it has not returned in 5 s, rather
+// than hang the test binary.
+func within(t *testing.T, what string, f func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f()
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatalf("%s still blocks after 5s", what)
+	}
+}
+
+// A named pipe at the keys file's path, read the ordinary way, waits for a
+// writer: Caddy hung at start-up. Loading it fails at once.
+func TestLoadKeysFileNamedPipe(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "keys.json")
+	mkfifo(t, fifo)
+	link := filepath.Join(dir, "link.json")
+	if err := os.Symlink(fifo, link); err != nil {
+		t.Skipf("symlinks not supported: %v", err)
+	}
+	for _, path := range []string{fifo, link} {
+		want := "loading keys file " + path + ": not a regular file (a named pipe)"
+		var err error
+		within(t, "loadKeysFile("+path+")", func() { _, _, _, err = loadKeysFile(path) })
+		if err == nil || err.Error() != want || !errors.Is(err, regularfile.ErrNotRegular) {
+			t.Errorf("loadKeysFile(%s) error = %v, want %s", path, err, want)
+		}
+		within(t, "openKeysFile("+path+")", func() { _, err = openKeysFile(path, zap.NewNop()) })
+		if err == nil || err.Error() != want {
+			t.Errorf("openKeysFile(%s) error = %v, want %s", path, err, want)
+		}
+	}
+}
+
+// A keys file replaced by a symlink to a named pipe: a reload fails at
+// once, the keys in use stay, and kf.mu is not left held (which would
+// wedge the watcher, config reloads and the admin API).
+func TestKeysFileReloadNamedPipe(t *testing.T) {
+	slowPolling(t)
+	dir := t.TempDir()
+	path := filepath.Join(dir, "keys.json")
+	writeKeysFile(t, path, keysJSON([2]string{"a", hash1}))
+	kf := openTestKeysFile(t, path)
+	before := kf.set.Load()
+
+	fifo := filepath.Join(dir, "fifo")
+	mkfifo(t, fifo)
+	tmp := filepath.Join(dir, "keys.json.new")
+	if err := os.Symlink(fifo, tmp); err != nil {
+		t.Skipf("symlinks not supported: %v", err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+
+	want := "loading keys file " + path + ": not a regular file (a named pipe)"
+	for _, reload := range []struct {
+		name string
+		f    func() error
+	}{
+		{"reloadNow", func() error { _, err := kf.reloadNow(); return err }},
+		{"reloadNow again", func() error { _, err := kf.reloadNow(); return err }},
+		{"check", kf.check},
+	} {
+		var err error
+		within(t, reload.name, func() { err = reload.f() })
+		if err == nil || err.Error() != want {
+			t.Errorf("%s error = %v, want %s", reload.name, err, want)
+		}
+		if kf.set.Load() != before {
+			t.Fatalf("%s replaced the keys in use", reload.name)
+		}
+		if d := digestOf(t, hash1); kf.set.Load().get(&d) == nil {
+			t.Fatalf("after %s key a is not served", reload.name)
+		}
+	}
+	within(t, "taking kf.mu", func() { kf.mu.Lock(); kf.mu.Unlock() })
+
+	// A regular file back is loaded.
+	writeKeysFile(t, path, keysJSON([2]string{"b", hash2}))
+	if err := kf.check(); err != nil || ids(kf.set.Load()) != "b" {
+		t.Errorf("after the file is back: %v, ids %q; want b", err, ids(kf.set.Load()))
 	}
 }
 

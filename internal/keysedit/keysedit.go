@@ -10,8 +10,8 @@
 // its members' order and spacing.
 //
 // The package checks only what it needs to edit by id (that each entry is
-// an object with a unique, non-empty string "id"); the server's parser
-// remains the judge of everything else.
+// an object with a unique, non-empty string "id", and no member twice);
+// the server's parser remains the judge of everything else.
 package keysedit
 
 import (
@@ -24,7 +24,9 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
+	"unicode"
+
+	"github.com/keystile/caddy-apikey/internal/regularfile"
 )
 
 // ErrNotFound is wrapped by the error of Set and Remove for an id the file
@@ -96,7 +98,7 @@ func load(path string, orNew bool) (*File, error) {
 		return nil, fmt.Errorf("loading keys file %s: %w", path, err)
 	}
 
-	data, _, err := readRegular(f.target)
+	data, _, err := regularfile.ReadFile(f.target)
 	if err != nil {
 		return nil, fmt.Errorf("loading keys file %s: %w", path, err)
 	}
@@ -107,28 +109,6 @@ func load(path string, orNew bool) (*File, error) {
 	f.existed = true
 	f.sum = sha256.Sum256(data)
 	return f, nil
-}
-
-// readRegular reads the file at path, refusing anything but a regular
-// file, and returns its metadata as of the read.
-func readRegular(path string) ([]byte, os.FileInfo, error) {
-	fd, err := os.Open(path)
-	if err != nil {
-		return nil, nil, err
-	}
-	defer fd.Close()
-	fi, err := fd.Stat()
-	if err != nil {
-		return nil, nil, err
-	}
-	if !fi.Mode().IsRegular() {
-		return nil, nil, fmt.Errorf("%s is not a regular file", path)
-	}
-	data, err := io.ReadAll(fd)
-	if err != nil {
-		return nil, nil, err
-	}
-	return data, fi, nil
 }
 
 // Path returns the path the file was loaded from, as the caller gave it
@@ -406,7 +386,7 @@ func (f *File) current() (os.FileInfo, error) {
 	case target != f.target:
 		return nil, fmt.Errorf("%s now leads to %s, not %s: %w", f.path, target, f.target, ErrChanged)
 	}
-	data, fi, err := readRegular(f.target)
+	data, fi, err := regularfile.ReadFile(f.target)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
 		return nil, fmt.Errorf("the file was removed since it was read: %w", ErrChanged)
@@ -416,29 +396,6 @@ func (f *File) current() (os.FileInfo, error) {
 		return nil, ErrChanged
 	}
 	return fi, nil
-}
-
-// keepOwner gives tmp the owner and group of the file it replaces. Without
-// it, root running a command on a file owned by the server's user would
-// leave a file the server may be unable to read, and a key meant to be
-// disabled would keep working.
-func keepOwner(tmp *os.File, orig os.FileInfo) error {
-	want, ok := orig.Sys().(*syscall.Stat_t)
-	if !ok {
-		return nil
-	}
-	fi, err := tmp.Stat()
-	if err != nil {
-		return fmt.Errorf("reading the owner of %s: %w", tmp.Name(), err)
-	}
-	have, ok := fi.Sys().(*syscall.Stat_t)
-	if !ok || have.Uid == want.Uid && have.Gid == want.Gid {
-		return nil
-	}
-	if err := tmp.Chown(int(want.Uid), int(want.Gid)); err != nil {
-		return fmt.Errorf("giving %s the owner of the file (uid %d, gid %d); run the command as that user: %w", tmp.Name(), want.Uid, want.Gid, err)
-	}
-	return nil
 }
 
 func syncDir(dir string) error {
@@ -539,8 +496,11 @@ func parseFile(data []byte) ([]entry, error) {
 }
 
 // parseEntry checks that raw, valid JSON, is an object with a non-empty
-// string "id", and picks out its id and hash. Where a member appears twice
-// the last one counts, as it does for the server.
+// string "id" and no member twice, and picks out its id and hash. The
+// server refuses an entry with a member twice (in any case: "Disabled" is
+// "disabled" to its decoder), which encoding/json alone would read as the
+// last one; an edit that set one of the two, or a command that went by
+// the first, would not do what it says.
 func parseEntry(raw []byte) (entry, error) {
 	e := entry{raw: raw}
 	if len(raw) == 0 || raw[0] != '{' {
@@ -549,6 +509,16 @@ func parseEntry(raw []byte) (entry, error) {
 	ms, err := members(raw)
 	if err != nil {
 		return e, err
+	}
+	var repeated error
+	byFold := make(map[string]string, len(ms)) // spelling by folded name
+	for _, m := range ms {
+		k := foldName(m.name)
+		if first, ok := byFold[k]; ok {
+			repeated = repeatedMember(first, m.name)
+			break
+		}
+		byFold[k] = m.name
 	}
 	var idRaw []byte
 	for _, m := range ms {
@@ -574,7 +544,34 @@ func parseEntry(raw []byte) (entry, error) {
 	if e.id == "" {
 		return e, errors.New(`"id" is empty`)
 	}
-	return e, nil
+	// Reported after the id is read, so that the error can name the
+	// entry by it.
+	return e, repeated
+}
+
+// foldName returns the same string for two names if and only if
+// strings.EqualFold holds for them (as encoding/json folds names): each
+// rune is replaced by the smallest of the runes it folds to.
+func foldName(name string) string {
+	return strings.Map(func(r rune) rune {
+		for {
+			next := unicode.SimpleFold(r)
+			if next <= r {
+				return next
+			}
+			r = next
+		}
+	}, name)
+}
+
+// repeatedMember is the error of an entry with a member twice, spelt first
+// and then second, worded as the server words it.
+func repeatedMember(first, second string) error {
+	name := strings.ToLower(first)
+	if first == name && second == name {
+		return fmt.Errorf("%q appears twice", name)
+	}
+	return fmt.Errorf("%q appears twice (as %q and %q)", name, first, second)
 }
 
 // member is one name/value pair of a JSON object, as offsets into it.

@@ -1,0 +1,71 @@
+//go:build unix
+
+package keysedit
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// within runs f and fails the test if it has not returned in 5 s, rather
+// than hang the test binary.
+func within(t *testing.T, what string, f func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f()
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatalf("%s still blocks after 5s", what)
+	}
+}
+
+// A named pipe at the path, or behind it, is refused at once: opening one
+// for reading the ordinary way waits for a writer, for ever.
+func TestNamedPipe(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "fifo")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(dir, "link.json")
+	if err := os.Symlink(fifo, link); err != nil {
+		t.Fatal(err)
+	}
+	for _, path := range []string{fifo, link} {
+		for _, load := range []func(string) (*File, error){Load, LoadOrNew} {
+			var err error
+			within(t, "loading "+path, func() { _, err = load(path) })
+			if want := "loading keys file " + path + ": not a regular file (a named pipe)"; err == nil || err.Error() != want {
+				t.Errorf("err = %v, want %s", err, want)
+			}
+		}
+	}
+
+	// A file replaced by one after Load: Save refuses and leaves it.
+	path := writeFile(t, dir, "keys.json", canonical(entryA), 0o600)
+	f := mustLoad(t, path)
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mkfifo(path, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var err error
+	within(t, "saving", func() { err = f.Save() })
+	if err == nil || !strings.Contains(err.Error(), "not a regular file (a named pipe)") || errors.Is(err, ErrChanged) {
+		t.Errorf("Save over a named pipe: %v", err)
+	}
+	if fi, err := os.Lstat(path); err != nil || fi.Mode()&os.ModeNamedPipe == 0 {
+		t.Errorf("after Save the path is %v, %v; want the named pipe left alone", fi, err)
+	}
+	assertNoTemps(t, dir)
+}
