@@ -14,8 +14,9 @@ import (
 	"github.com/caddyserver/caddy/v2"
 )
 
-// adminGet (or Post) calls the admin API and decodes its JSON answer.
-func adminCall(t *testing.T, method, url string, out any) int {
+// adminDo calls the admin API and returns the status and the body of its
+// answer.
+func adminDo(t *testing.T, method, url string) (int, []byte) {
 	t.Helper()
 	req, err := http.NewRequest(method, url, nil)
 	if err != nil {
@@ -26,41 +27,42 @@ func adminCall(t *testing.T, method, url string, out any) int {
 		t.Fatalf("%s %s: %v", method, url, err)
 	}
 	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("%s %s: reading the answer: %v", method, url, err)
+	}
+	return resp.StatusCode, body
+}
+
+// adminCall calls the admin API and decodes its JSON answer.
+func adminCall(t *testing.T, method, url string, out any) int {
+	t.Helper()
+	status, body := adminDo(t, method, url)
 	if bytes.Contains(body, []byte("sha256")) {
 		t.Errorf("%s %s: the answer holds a hash: %s", method, url, body)
 	}
-	if out != nil && (resp.StatusCode < 300 || resp.StatusCode == http.StatusUnprocessableEntity) {
+	if out != nil && (status < 300 || status == http.StatusUnprocessableEntity) {
 		if err := json.Unmarshal(body, out); err != nil {
 			t.Fatalf("%s %s: %v\n%s", method, url, err, body)
 		}
 	}
-	return resp.StatusCode
+	return status
 }
 
 // adminCallError calls the admin API and returns the status and the
 // message of its error answer ("" for none).
 func adminCallError(t *testing.T, method, url string) (int, string) {
 	t.Helper()
-	req, err := http.NewRequest(method, url, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, url, err)
-	}
-	defer resp.Body.Close()
+	status, body := adminDo(t, method, url)
 	var ans struct {
 		Error string `json:"error"`
 	}
-	if resp.StatusCode >= 400 {
-		body, _ := io.ReadAll(resp.Body)
+	if status >= 400 {
 		if err := json.Unmarshal(body, &ans); err != nil {
-			t.Fatalf("%s %s: %d, and the answer is no error: %v\n%s", method, url, resp.StatusCode, err, body)
+			t.Fatalf("%s %s: %d, and the answer is no error: %v\n%s", method, url, status, err, body)
 		}
 	}
-	return resp.StatusCode, ans.Error
+	return status, ans.Error
 }
 
 type adminKeysAnswer []struct {
