@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -119,6 +120,9 @@ likewise) and running servers are told.`,
 				// err names the key: "adding key <id>: ..."
 				return fmt.Errorf("%s: %w", path, err)
 			}
+			if err := serverLoads(f, "adding the key"); err != nil {
+				return err
+			}
 			if err := f.Save(); err != nil {
 				return err
 			}
@@ -201,7 +205,7 @@ func listCommand() *cobra.Command {
 			return listRedis(cmd)
 		}
 		path, _ := cmd.Flags().GetString("keys-file")
-		_, raws, err := readKeyEntries(path)
+		data, raws, err := readKeyEntries(path)
 		if err != nil {
 			return err
 		}
@@ -225,17 +229,35 @@ func listCommand() *cobra.Command {
 		if err := tw.Flush(); err != nil {
 			return err
 		}
-		if invalid != 0 {
-			// The server refuses a file with any invalid entry.
-			entries := "entries"
-			if invalid == 1 {
-				entries = "entry"
+		// The server loads the file whole or not at all: an invalid
+		// entry, or a fault of the file itself (a second "keys", data
+		// after it), keeps every key of it out.
+		if _, err := parseKeysFile(data); err != nil {
+			msg := "the server will not load " + path
+			if invalid != 0 {
+				entries := "entries"
+				if invalid == 1 {
+					entries = "entry"
+				}
+				msg = fmt.Sprintf("%d invalid %s: %s", invalid, entries, msg)
 			}
-			fmt.Fprintf(cmd.ErrOrStderr(), "%d invalid %s: the server will not load %s; caddy api-key check --keys-file %s says why\n", invalid, entries, path, path)
+			fmt.Fprintf(cmd.ErrOrStderr(), "%s: %v\ncaddy api-key check --keys-file %s lists every problem\n", msg, err, path)
 		}
 		return nil
 	})
 	return c
+}
+
+// serverLoads reports whether the server would load f as it is now, after
+// an edit (what: "disable of key \"a\"", say) and before it is saved. A
+// server keeps the keys it has while its file does not load: an edit
+// saved into such a file would be reported done and not take, and a key
+// meant to be disabled would keep working. So nothing is written then.
+func serverLoads(f *keysedit.File, what string) error {
+	if _, err := parseKeysFile(f.Bytes()); err != nil {
+		return fmt.Errorf("%s: nothing written: the server would not load the file after the %s: %w (caddy api-key check --keys-file %s lists every problem)", f.Path(), what, err, f.Path())
+	}
+	return nil
 }
 
 func dash(s string) string {
@@ -308,6 +330,9 @@ func stateCommand(verb string) *cobra.Command {
 			if e.Disabled != (verb == "disable") {
 				return fmt.Errorf("%s: key %q: the edit would not take (the entry holds another disabled member?); fix the entry by hand", path, id)
 			}
+		}
+		if err := serverLoads(f, verb+" of key "+strconv.Quote(id)); err != nil {
+			return err
 		}
 		if err := f.Save(); err != nil {
 			return err

@@ -580,6 +580,67 @@ func cliTable(t *testing.T, stdout string, want [][]string) []string {
 	return lines
 }
 
+// An edit is saved only if the server would load the edited file: else
+// the command would report an edit that does not take, and a key meant to
+// be disabled would keep working. Nothing is written then.
+func TestCLIEditsOnlyFilesTheServerLoads(t *testing.T) {
+	for _, tc := range []struct {
+		name, keys string
+		cmd        func() *cobra.Command
+		args       []string
+	}{
+		{
+			name: "disable, a metadata name twice in the entry",
+			keys: `{"keys": [{"id": "a", "hash": "` + cliHash("a") + `", "metadata": {"x": "1", "x": "2"}}]}`,
+			cmd:  func() *cobra.Command { return stateCommand("disable") }, args: []string{"--id", "a"},
+		},
+		{
+			name: "disable, a duplicate hash in other entries",
+			keys: `{"keys": [{"id": "a", "hash": "` + cliHash("a") + `"}, {"id": "b", "hash": "` + cliHash("b") + `"}, {"id": "c", "hash": "` + cliHash("b") + `"}]}`,
+			cmd:  func() *cobra.Command { return stateCommand("disable") }, args: []string{"--id", "a"},
+		},
+		{
+			name: "remove, a bad rate left in another entry",
+			keys: `{"keys": [{"id": "a", "hash": "` + cliHash("a") + `"}, {"id": "b", "hash": "` + cliHash("b") + `", "rate": "lots"}]}`,
+			cmd:  func() *cobra.Command { return stateCommand("remove") }, args: []string{"--id", "a"},
+		},
+		{
+			name: "generate into a file with a bad entry",
+			keys: `{"keys": [{"id": "b", "hash": "` + cliHash("b") + `", "expires": "soon"}]}`,
+			cmd:  generateCommand, args: []string{"--id", "new"},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "keys.json")
+			cliWrite(t, path, tc.keys)
+			before := cliSnap(t, path)
+			stdout, stderr, err := cliRun(t, tc.cmd(), "", append([]string{"--keys-file", path}, tc.args...)...)
+			if err == nil || !strings.Contains(err.Error(), "nothing written: the server would not load the file") {
+				t.Fatalf("error = %v, want one saying the server would not load the file", err)
+			}
+			if stdout != "" || strings.Contains(stderr, "added") || strings.Contains(stderr, "disabled key") || strings.Contains(stderr, "removed key") {
+				t.Errorf("stdout %q, stderr %q: want no key and no claim of an edit", stdout, stderr)
+			}
+			before.assertUnchanged(t, path)
+		})
+	}
+	// Removing the entry that keeps the file out is an edit that takes.
+	t.Run("remove the bad entry", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "keys.json")
+		cliWrite(t, path, `{"keys": [{"id": "a", "hash": "`+cliHash("a")+`"}, {"id": "b", "hash": "`+cliHash("b")+`", "rate": "lots"}]}`)
+		if _, stderr, err := cliRun(t, stateCommand("remove"), "", "--keys-file", path, "--id", "b"); err != nil {
+			t.Fatalf("remove: %v (stderr %q)", err, stderr)
+		}
+		data, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if set, err := parseKeysFile(data); err != nil || set.len() != 1 {
+			t.Errorf("after the removal the file loads: %v, with %v keys; want 1", err, set)
+		}
+	})
+}
+
 func TestCLIList(t *testing.T) {
 	hashes := []string{cliHash("k-act"), cliHash("k-dis"), cliHash("k-exp"), cliHash("k-nyv"), cliHash("k-fut")}
 	path := filepath.Join(t.TempDir(), "keys.json")
@@ -657,6 +718,24 @@ func TestCLIList(t *testing.T) {
 			t.Errorf("stderr = %q, want it to say 6 invalid entries and that the server will not load the file", stderr)
 		}
 	})
+	// Faults of the file as a whole keep every key out as well.
+	for _, tc := range []struct{ name, keys, says string }{
+		{"a top-level name in another case", `{"KEYS": [{"id": "a", "hash": "` + cliHash("a") + `"}]}`, `unknown top-level field "KEYS"`},
+		{"keys twice", `{"keys": [{"id": "a", "hash": "` + cliHash("a") + `"}], "keys": [{"id": "b", "hash": "` + cliHash("b") + `"}]}`, `"keys" appears twice`},
+		{"data after the file", `{"keys": [{"id": "a", "hash": "` + cliHash("a") + `"}]} more`, "after"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "keys.json")
+			cliWrite(t, path, tc.keys)
+			_, stderr, err := cliRun(t, listCommand(), "", "--keys-file", path)
+			if err != nil {
+				t.Fatalf("list: %v", err)
+			}
+			if !strings.Contains(stderr, "the server will not load "+path) || !strings.Contains(stderr, tc.says) {
+				t.Errorf("stderr = %q, want it to say the server will not load the file, and %q", stderr, tc.says)
+			}
+		})
+	}
 	t.Run("missing file", func(t *testing.T) {
 		missing := filepath.Join(t.TempDir(), "nope.json")
 		stdout, _, err := cliRun(t, listCommand(), "", "--keys-file", missing)

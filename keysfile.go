@@ -552,6 +552,7 @@ func (w *jsonWalk) skipString() {
 			return
 		}
 	}
+	w.i = len(w.b) // a backslash at the very end stepped past it
 }
 
 // skipValue steps past the value that starts at w.i.

@@ -1634,3 +1634,14 @@ func waitNoRelease(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 }
+
+// checkRepeated only ever sees an entry that decoded, but its walk must
+// not panic on anything: cut-off input stops it.
+func TestCheckRepeatedCutOff(t *testing.T) {
+	for _, in := range []string{`{"\`, `{"a`, `{"a":`, `{"a":"\`, `{"metadata":{"x":"1","x`, `{`, ``, `{"a":[{"b":"\`} {
+		b := []byte(in)
+		if err := checkRepeated(b[:len(b):len(b)]); err != nil { // nothing past the end to read
+			t.Errorf("checkRepeated(%q) = %v, want nil (nothing complete is repeated)", in, err)
+		}
+	}
+}

@@ -194,8 +194,9 @@ func (f *File) Set(id, field string, value any) error {
 	if err != nil {
 		return fmt.Errorf("setting %q of key %q: %w", field, id, err)
 	}
-	// Only what changed is checked, so that an entry of a file that
-	// already has a duplicate hash can still be disabled.
+	// Only what changed is checked here, so that an entry of a file that
+	// already has a duplicate hash can still be edited; whether the
+	// server will load the result is the caller's to check (Bytes).
 	old := f.entries[i]
 	if e.id != old.id || !strings.EqualFold(e.hash, old.hash) {
 		if err := f.checkUnique(e, i); err != nil {
@@ -257,6 +258,10 @@ func encode(v any) ([]byte, error) {
 	}
 	return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil
 }
+
+// Bytes returns the file as Save would write it now, for a caller to check
+// it as a whole before saving.
+func (f *File) Bytes() []byte { return f.render() }
 
 // render returns the file as Save writes it: {"keys": [ then one entry
 // per line, indented by two spaces. One entry per line keeps the diff of

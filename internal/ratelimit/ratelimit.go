@@ -52,7 +52,8 @@ func ParseRate(s string) (Limit, error) {
 		durStr = "1" + durStr // "10/s" is ten a second
 	}
 	// time.ParseDuration also reads ns, us and µs; the documented units stop
-	// at ms, and "1/1ns" would be a billion requests a second.
+	// at ms, which is as fine as a period needs to be ("1/1ns" read as
+	// a billion requests a second).
 	if strings.Contains(durStr, "ns") || strings.Contains(durStr, "us") ||
 		strings.Contains(durStr, "µs") || strings.Contains(durStr, "μs") {
 		return Limit{}, fmt.Errorf("rate %q: duration units must be ms, s, m, h or d", s)

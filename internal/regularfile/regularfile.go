@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"math"
 	"os"
 )
 
@@ -28,6 +29,12 @@ var ErrNotRegular = errors.New("not a regular file")
 // wraps ErrNotRegular and says what it is: "not a regular file (a named
 // pipe)". Other errors are those of the os package, which name the path.
 func ReadFile(path string) ([]byte, os.FileInfo, error) {
+	// Not even opened if it is not a regular file now: opening some
+	// devices does something. The check after the open is the one that
+	// counts, since the path may change in between.
+	if fi, err := os.Stat(path); err == nil && !fi.Mode().IsRegular() {
+		return nil, nil, notRegular(fi.Mode())
+	}
 	f, err := os.OpenFile(path, openFlags, 0)
 	if err != nil {
 		// Opening a socket fails (ENXIO), which says less than what
@@ -58,7 +65,10 @@ func ReadFile(path string) ([]byte, os.FileInfo, error) {
 func readAll(f *os.File, size int64) ([]byte, error) {
 	// One byte more, so that the read that finds the end does not grow
 	// the buffer; a file that grew since the stat still reads whole.
-	data := make([]byte, 0, max(size+1, 512))
+	if size < 0 || size >= math.MaxInt {
+		size = 0 // too large to hold (a 32-bit build): let it grow, and fail
+	}
+	data := make([]byte, 0, max(int(size)+1, 512))
 	for {
 		n, err := f.Read(data[len(data):cap(data)])
 		data = data[:len(data)+n]
