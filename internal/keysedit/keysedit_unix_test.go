@@ -69,3 +69,31 @@ func TestNamedPipe(t *testing.T) {
 	}
 	assertNoTemps(t, dir)
 }
+
+// Save gives the new file the owner of the one it replaces (as
+// TestSaveKeepsMode keeps its mode), on systems with Unix owners.
+func TestSaveKeepsOwner(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("only root can give a file to another user")
+	}
+	path := writeFile(t, t.TempDir(), "keys.json", canonical(entryA), 0o600)
+	const uid, gid = 65534, 65533
+	if err := os.Chown(path, uid, gid); err != nil {
+		t.Fatal(err)
+	}
+	f := mustLoad(t, path)
+	if err := f.Set("acme-prod", "disabled", true); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Save(); err != nil {
+		t.Fatalf("Save: %v", err)
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	if st.Uid != uid || st.Gid != gid {
+		t.Errorf("owner after Save = %d:%d, want %d:%d", st.Uid, st.Gid, uid, gid)
+	}
+}
