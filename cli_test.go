@@ -20,6 +20,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/keystile/caddy-apikey/internal/keyformat"
+	"github.com/keystile/caddy-apikey/internal/testutil"
 )
 
 // These tests run the api-key subcommands in process, as cobra would from
@@ -939,7 +940,7 @@ func TestCLINamedPipe(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var err error
-			within(t, tc.name, func() {
+			testutil.Within(t, tc.name, func() {
 				_, _, err = cliRun(t, tc.cmd(), "", append([]string{"--keys-file", fifo}, tc.args...)...)
 			})
 			if err == nil || !strings.Contains(err.Error(), "keys file "+fifo+": not a regular file (a named pipe)") {

@@ -23,6 +23,7 @@ import (
 
 	"github.com/keystile/caddy-apikey/internal/ratelimit"
 	"github.com/keystile/caddy-apikey/internal/regularfile"
+	"github.com/keystile/caddy-apikey/internal/testutil"
 )
 
 // Digests for keys files; hashN is "sha256:" and 64 hex digits.
@@ -721,22 +722,6 @@ func TestKeysFileReloadSymlink(t *testing.T) {
 	}
 }
 
-// within runs f and fails the test if it has not returned in 5 s, rather
-// than hang the test binary.
-func within(t *testing.T, what string, f func()) {
-	t.Helper()
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		f()
-	}()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		t.Fatalf("%s still blocks after 5s", what)
-	}
-}
-
 // A named pipe at the keys file's path, read the ordinary way, waits for a
 // writer: Caddy hung at start-up. Loading it fails at once.
 func TestLoadKeysFileNamedPipe(t *testing.T) {
@@ -750,11 +735,11 @@ func TestLoadKeysFileNamedPipe(t *testing.T) {
 	for _, path := range []string{fifo, link} {
 		want := "loading keys file " + path + ": not a regular file (a named pipe)"
 		var err error
-		within(t, "loadKeysFile("+path+")", func() { _, _, _, err = loadKeysFile(path) })
+		testutil.Within(t, "loadKeysFile("+path+")", func() { _, _, _, err = loadKeysFile(path) })
 		if err == nil || err.Error() != want || !errors.Is(err, regularfile.ErrNotRegular) {
 			t.Errorf("loadKeysFile(%s) error = %v, want %s", path, err, want)
 		}
-		within(t, "openKeysFile("+path+")", func() { _, err = openKeysFile(path, zap.NewNop()) })
+		testutil.Within(t, "openKeysFile("+path+")", func() { _, err = openKeysFile(path, zap.NewNop()) })
 		if err == nil || err.Error() != want {
 			t.Errorf("openKeysFile(%s) error = %v, want %s", path, err, want)
 		}
@@ -792,7 +777,7 @@ func TestKeysFileReloadNamedPipe(t *testing.T) {
 		{"check", kf.check},
 	} {
 		var err error
-		within(t, reload.name, func() { err = reload.f() })
+		testutil.Within(t, reload.name, func() { err = reload.f() })
 		if err == nil || err.Error() != want {
 			t.Errorf("%s error = %v, want %s", reload.name, err, want)
 		}
@@ -803,7 +788,7 @@ func TestKeysFileReloadNamedPipe(t *testing.T) {
 			t.Fatalf("after %s key a is not served", reload.name)
 		}
 	}
-	within(t, "taking kf.mu", func() { kf.mu.Lock(); kf.mu.Unlock() })
+	testutil.Within(t, "taking kf.mu", func() { kf.mu.Lock(); kf.mu.Unlock() })
 
 	// A regular file back is loaded.
 	writeKeysFile(t, path, keysJSON([2]string{"b", hash2}))

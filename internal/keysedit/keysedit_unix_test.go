@@ -9,24 +9,9 @@ import (
 	"strings"
 	"syscall"
 	"testing"
-	"time"
-)
 
-// within runs f and fails the test if it has not returned in 5 s, rather
-// than hang the test binary.
-func within(t *testing.T, what string, f func()) {
-	t.Helper()
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		f()
-	}()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		t.Fatalf("%s still blocks after 5s", what)
-	}
-}
+	"github.com/keystile/caddy-apikey/internal/testutil"
+)
 
 // A named pipe at the path, or behind it, is refused at once: opening one
 // for reading the ordinary way waits for a writer, for ever.
@@ -43,7 +28,7 @@ func TestNamedPipe(t *testing.T) {
 	for _, path := range []string{fifo, link} {
 		for _, load := range []func(string) (*File, error){Load, LoadOrNew} {
 			var err error
-			within(t, "loading "+path, func() { _, err = load(path) })
+			testutil.Within(t, "loading "+path, func() { _, err = load(path) })
 			if want := "loading keys file " + path + ": not a regular file (a named pipe)"; err == nil || err.Error() != want {
 				t.Errorf("err = %v, want %s", err, want)
 			}
@@ -60,7 +45,7 @@ func TestNamedPipe(t *testing.T) {
 		t.Fatal(err)
 	}
 	var err error
-	within(t, "saving", func() { err = f.Save() })
+	testutil.Within(t, "saving", func() { err = f.Save() })
 	if err == nil || !strings.Contains(err.Error(), "not a regular file (a named pipe)") || errors.Is(err, ErrChanged) {
 		t.Errorf("Save over a named pipe: %v", err)
 	}
