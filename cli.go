@@ -120,7 +120,7 @@ likewise) and running servers are told.`,
 				// err names the key: "adding key <id>: ..."
 				return fmt.Errorf("%s: %w", path, err)
 			}
-			if err := serverLoads(f, "adding the key"); err != nil {
+			if _, err := serverLoads(f, "adding the key"); err != nil {
 				return err
 			}
 			if err := f.Save(); err != nil {
@@ -248,14 +248,26 @@ func listCommand() *cobra.Command {
 	return c
 }
 
-// serverLoads reports whether the server would load f as it is now, after
-// an edit (what: "disable of key \"a\"", say) and before it is saved. A
-// server keeps the keys it has while its file does not load: an edit
-// saved into such a file would be reported done and not take, and a key
-// meant to be disabled would keep working. So nothing is written then.
-func serverLoads(f *keysedit.File, what string) error {
-	if _, err := parseKeysFile(f.Bytes()); err != nil {
-		return fmt.Errorf("%s: nothing written: the server would not load the file after the %s: %w (caddy api-key check --keys-file %s lists every problem)", f.Path(), what, err, f.Path())
+// serverLoads returns the key set the server would load from f as it is
+// now, after an edit (what: "disable of key \"a\"", say) and before it is
+// saved, or why it would not load it. A server keeps the keys it has while
+// its file does not load: an edit saved into such a file would be reported
+// done and not take, and a key meant to be disabled would keep working. So
+// nothing is written then.
+func serverLoads(f *keysedit.File, what string) (*keySet, error) {
+	set, err := parseKeysFile(f.Bytes())
+	if err != nil {
+		return nil, fmt.Errorf("%s: nothing written: the server would not load the file after the %s: %w (caddy api-key check --keys-file %s lists every problem)", f.Path(), what, err, f.Path())
+	}
+	return set, nil
+}
+
+// recordWithID returns the record of set with the given id, or nil.
+func recordWithID(set *keySet, id string) *keyRecord {
+	for _, rec := range set.all() {
+		if rec.id == id {
+			return rec
+		}
 	}
 	return nil
 }
@@ -319,20 +331,16 @@ func stateCommand(verb string) *cobra.Command {
 		if err != nil {
 			return fmt.Errorf("%s: %w", path, err)
 		}
-		// Check the edited entry as the server will read it, so that the
+		// The edited file as the server will read it, so that the
 		// command never reports an edit that does not take.
-		if verb != "remove" {
-			raw, _ := f.Entry(id)
-			var e keyFileEntry
-			if err := json.Unmarshal(raw, &e); err != nil {
-				return fmt.Errorf("%s: key %q after the edit: %w", path, id, err)
-			}
-			if e.Disabled != (verb == "disable") {
-				return fmt.Errorf("%s: key %q: the edit would not take (the entry holds another disabled member?); fix the entry by hand", path, id)
-			}
-		}
-		if err := serverLoads(f, verb+" of key "+strconv.Quote(id)); err != nil {
+		set, err := serverLoads(f, verb+" of key "+strconv.Quote(id))
+		if err != nil {
 			return err
+		}
+		if verb != "remove" {
+			if rec := recordWithID(set, id); rec == nil || rec.disabled != (verb == "disable") {
+				return fmt.Errorf("%s: key %q: the edit would not take; fix the entry by hand", path, id)
+			}
 		}
 		if err := f.Save(); err != nil {
 			return err
